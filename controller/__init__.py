@@ -1,0 +1,1 @@
+"""km's operator side: profiles, the compiler, substrates, state and the CLI."""

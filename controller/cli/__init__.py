@@ -1,0 +1,26 @@
+"""`km`: the operator's command line. Each command parses arguments and calls one controller function."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from controller.cli.compile_command import compile_command
+from controller.cli.profile_commands import profile_group, validate_command
+from host_agent.version import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="km")
+def cli() -> None:
+    """km: policy-enforced sandboxes for AI coding agents, compiled from YAML profiles."""
+
+
+cli.add_command(validate_command)
+cli.add_command(profile_group)
+cli.add_command(compile_command)
+
+
+def main() -> None:
+    sys.exit(cli.main(standalone_mode=True))

@@ -1,0 +1,96 @@
+"""Profile → `host-agent.json`: resolve everything the daemon enforces into plain values.
+
+Durations become seconds, DNS names are normalised once here (lower-case IDNA, no leading dot) so the
+daemon's matcher compares like with like, and the Bedrock environment is kept apart from the
+profile's own so `--no-bedrock` can remove exactly it.
+"""
+
+from __future__ import annotations
+
+from controller.profile import SandboxProfile, parse_duration
+from controller.profile.field_types import normalise_dns_name
+from host_agent.config import (
+    ArtifactsPolicy,
+    BudgetPolicy,
+    ClaudeTelemetryPolicy,
+    EgressPolicy,
+    ExecutionPolicy,
+    HostAgentConfig,
+    LifecyclePolicy,
+    ObservabilityPolicy,
+    SourceAccessPolicy,
+    TLSCapturePolicy,
+)
+
+
+def bedrock_env(profile: SandboxProfile) -> dict[str, str]:
+    """Environment that points Claude Code at Bedrock with the instance role's SigV4 credentials."""
+    if not profile.spec.execution.use_bedrock:
+        return {}
+    region = profile.spec.runtime.region
+    return {"CLAUDE_CODE_USE_BEDROCK": "1", "AWS_REGION": region, "AWS_DEFAULT_REGION": region}
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def host_agent_config(profile: SandboxProfile) -> HostAgentConfig:
+    spec = profile.spec
+    egress = spec.network.egress
+    budget = spec.budget
+    github = spec.source_access.github
+    observability = spec.observability
+    return HostAgentConfig(
+        profile=profile.metadata.name,
+        substrate=spec.runtime.substrate,
+        region=spec.runtime.region,
+        lifecycle=LifecyclePolicy(
+            ttl_seconds=parse_duration(spec.lifecycle.ttl),
+            idle_timeout_seconds=parse_duration(spec.lifecycle.idle_timeout),
+            teardown_policy=spec.lifecycle.teardown_policy,
+        ),
+        execution=ExecutionPolicy(
+            working_dir=spec.execution.working_dir,
+            shell=spec.execution.shell,
+            env=dict(spec.execution.env),
+            bedrock_env={k: v for k, v in bedrock_env(profile).items() if k not in spec.execution.env},
+            default_agent=spec.cli.agent,
+            agent_args={"claude": list(spec.cli.claude_args), "codex": list(spec.cli.codex_args), "goose": list(spec.cli.goose_args)},
+            no_bedrock_default=spec.cli.no_bedrock,
+        ),
+        egress=EgressPolicy(
+            enforcement=spec.network.enforcement,
+            mode="log" if observability.learn_mode else "enforce",
+            allowed_dns_suffixes=_unique([s if s == "*" else normalise_dns_name(s) for s in egress.allowed_dns_suffixes]),
+            allowed_hosts=_unique([normalise_dns_name(h) for h in egress.allowed_hosts]),
+            allowed_cidrs=_unique(list(egress.allowed_cidrs)),
+        ),
+        observability=ObservabilityPolicy(
+            tls_capture=TLSCapturePolicy(
+                enabled=observability.tls_capture.enabled,
+                libraries=list(observability.tls_capture.libraries),
+                capture_payloads=observability.tls_capture.capture_payloads,
+                max_payload_bytes=observability.tls_capture.max_payload_bytes,
+            ),
+            claude_telemetry=ClaudeTelemetryPolicy(
+                enabled=observability.claude_telemetry.enabled,
+                log_prompts=observability.claude_telemetry.log_prompts,
+                log_tool_details=observability.claude_telemetry.log_tool_details,
+            ),
+        ),
+        budget=BudgetPolicy(
+            compute_max_usd=budget.compute.max_spend_usd if budget and budget.compute else None,
+            ai_max_usd=budget.ai.max_spend_usd if budget and budget.ai else None,
+            warning_threshold=budget.warning_threshold if budget else 0.8,
+        ),
+        source_access=SourceAccessPolicy(
+            mode=spec.source_access.mode,
+            allowed_repos=list(github.allowed_repos) if github else [],
+            allowed_refs=list(github.allowed_refs) if github else [],
+        ),
+        artifacts=ArtifactsPolicy(
+            paths=list(spec.artifacts.paths) if spec.artifacts else [],
+            max_size_mb=spec.artifacts.max_size_mb if spec.artifacts else 0,
+        ),
+    )

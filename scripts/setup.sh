@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything km needs on a Debian/Ubuntu machine:
+# apt packages (root only), BCC kernel headers, tracefs, the .venv with km
+# installed editable plus test extras, and Debian's BCC bindings in the venv.
+#
+# Usage: bash scripts/setup.sh          (any cwd; PYTHON=... to pick the interpreter)
+# Safe to re-run; a run with nothing to do takes about a second.
+set -euo pipefail
+
+# System packages km needs (Debian/Ubuntu names). Append new ones here.
+APT_PACKAGES=(
+    python3-bpfcc   # BCC Python bindings (pure Python, ctypes into libbcc)
+    libbpfcc        # libbcc.so.0
+    bpfcc-tools     # BCC tools (execsnoop, opensnoop, ...) for debugging
+    bpftool         # inspect loaded BPF programs and maps
+)
+if command -v dpkg >/dev/null 2>&1; then
+    # Kernel headers BCC compiles against: Debian's per-architecture meta package, Ubuntu's generic one.
+    if grep -qs '^ID=ubuntu' /etc/os-release; then
+        APT_PACKAGES+=(linux-headers-generic)
+    else
+        APT_PACKAGES+=("linux-headers-$(dpkg --print-architecture)")
+    fi
+fi
+
+MIN_PYTHON="3.11"
+VENV=".venv"
+STAMP="$VENV/.km-setup-stamp"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
+die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# 1. Repo root, whatever the cwd.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd -P)"
+[[ -f pyproject.toml ]] || die "no pyproject.toml in $ROOT; is scripts/setup.sh inside the km repo?"
+
+IS_ROOT=0
+if [[ "$(id -u)" -eq 0 ]]; then IS_ROOT=1; fi
+
+# 2. Python >= 3.11.
+PYTHON="${PYTHON:-python3}"
+command -v "$PYTHON" >/dev/null 2>&1 ||
+    die "Python interpreter '$PYTHON' not found. Install Python >= $MIN_PYTHON (e.g. 'apt-get install python3' on Debian 12+, or pyenv) or point PYTHON=/path/to/python3.11 at one."
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    py_version="$("$PYTHON" -V 2>&1 | head -n 1 || true)"
+    die "km needs Python >= $MIN_PYTHON but '$PYTHON' is ${py_version:-unusable}. Install a newer Python (Debian 12 / Ubuntu 24.04 ship 3.11+, or use pyenv) and re-run with PYTHON=/path/to/python3.11 bash scripts/setup.sh"
+fi
+
+# 3. apt packages (install only what is missing; root only).
+pkg_installed() {
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
+}
+
+if ! command -v dpkg-query >/dev/null 2>&1; then
+    warn "dpkg-query not found (not Debian/Ubuntu?); skipping system packages: ${APT_PACKAGES[*]}"
+else
+    missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        pkg_installed "$pkg" || missing+=("$pkg")
+    done
+    if ((${#missing[@]} == 0)); then
+        log "apt packages present"
+    elif ((IS_ROOT)); then
+        log "installing apt packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+    else
+        log "not root: missing apt packages (${missing[*]}) not installed; root-only tests will be skipped"
+    fi
+fi
+
+# 4. BCC kernel headers and tracefs (root only).
+KR="$(uname -r)"
+MODDIR="/lib/modules/$KR"
+
+setup_kernel_headers() {
+    if [[ -e "$MODDIR/build/include/linux/kconfig.h" || -e "$MODDIR/source/include/linux/kconfig.h" ]]; then
+        log "kernel headers for $KR present"
+        return 0
+    fi
+    # Debian splits headers into linux-headers-<ver>-<arch> (generated/, .config)
+    # and linux-headers-<ver>-common (include/, arch/); BCC needs both links.
+    local arch build common link
+    arch="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
+    build="$(printf '%s\n' /usr/src/linux-headers-*-"$arch" | sort -V | tail -n 1)"
+    if [[ ! -d "$build" ]]; then
+        warn "no kernel headers for $KR and none in /usr/src/linux-headers-*-$arch; BCC programs will not compile"
+        return 0
+    fi
+    common="${build%-"$arch"}-common"
+    if [[ ! -e "$common/include/linux/kconfig.h" ]]; then
+        warn "$common/include/linux/kconfig.h missing; not linking kernel headers for $KR"
+        return 0
+    fi
+    for link in "$MODDIR/build" "$MODDIR/source"; do
+        if [[ -e "$link" && ! -L "$link" ]]; then
+            warn "$link exists and is not a symlink; leaving it alone (BCC may fail to compile)"
+            return 0
+        fi
+    done
+    mkdir -p "$MODDIR"
+    ln -sfn "$build" "$MODDIR/build"
+    ln -sfn "$common" "$MODDIR/source"
+    log "linked kernel headers for $KR: build -> $build, source -> $common"
+}
+
+setup_tracefs() {
+    if awk '$2 == "/sys/kernel/tracing" && $3 == "tracefs" { found = 1 } END { exit !found }' /proc/mounts; then
+        return 0
+    fi
+    if mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; then
+        log "mounted tracefs at /sys/kernel/tracing"
+    else
+        warn "could not mount tracefs at /sys/kernel/tracing; kprobes/tracepoints may not work"
+    fi
+}
+
+if ((IS_ROOT)); then
+    setup_kernel_headers
+    setup_tracefs
+fi
+
+# 5. venv with km installed editable (+ test extras).
+venv_ok() {
+    [[ -x "$VENV/bin/python" && -x "$VENV/bin/pip" ]] &&
+        "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+if ! venv_ok; then
+    if [[ -e "$VENV" ]]; then
+        log "$VENV is broken or too old; recreating it with $PYTHON"
+        rm -rf "$VENV"
+    else
+        log "creating $VENV with $PYTHON"
+    fi
+    "$PYTHON" -m venv "$VENV" || die "'$PYTHON -m venv' failed; on Debian/Ubuntu install python3-venv (apt-get install python3-venv)"
+fi
+
+want_stamp="$({ cat pyproject.toml; "$VENV/bin/python" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)"
+have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
+if [[ "$want_stamp" == "$have_stamp" && -x "$VENV/bin/km" && -x "$VENV/bin/doit" && -x "$VENV/bin/pytest" ]]; then
+    log "python packages up to date"
+else
+    log "installing km (editable, with test extras) into $VENV"
+    rm -f "$STAMP"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 "$VENV/bin/pip" install -q -e '.[test]' ||
+        die "pip install -e '.[test]' failed (see above)"
+    printf '%s\n' "$want_stamp" >"$STAMP"
+fi
+
+# 6. Debian's BCC bindings into the venv (only the bcc package).
+BCC_SRC=/usr/lib/python3/dist-packages/bcc
+bcc_status="not available (python3-bpfcc not installed)"
+if [[ -d "$BCC_SRC" ]]; then
+    purelib="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    if [[ "$(readlink "$purelib/bcc" 2>/dev/null || true)" != "$BCC_SRC" ]]; then
+        ln -sfn "$BCC_SRC" "$purelib/bcc"
+        log "linked $BCC_SRC into $VENV"
+    fi
+    bcc_status="linked (not verified: needs root)"
+    if ((IS_ROOT)); then
+        log "checking that BCC can compile and load a BPF program"
+        if ! bcc_out="$("$VENV/bin/python" -c 'from bcc import BPF; BPF(text="int f(void *c){return 0;}")' 2>&1)"; then
+            printf '%s\n' "$bcc_out" >&2
+            die "BCC cannot compile/load a BPF program (output above). Check: kernel headers at $MODDIR/build and $MODDIR/source (both need include/linux/kconfig.h; install linux-headers-\$(dpkg --print-architecture) or linux-headers-$KR), tracefs at /sys/kernel/tracing, and that this root has CAP_SYS_ADMIN/CAP_BPF (not an unprivileged container)."
+        fi
+        bcc_status="ok (compiled and loaded a test program)"
+    fi
+elif ((IS_ROOT)); then
+    die "$BCC_SRC missing although python3-bpfcc should be installed; try: apt-get install --reinstall python3-bpfcc"
+fi
+
+# 7. Summary.
+log "ready in $ROOT:"
+log "  python: $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])') ($VENV)"
+log "  tools:  $VENV/bin/km, $VENV/bin/doit, $VENV/bin/pytest"
+log "  bcc:    $bcc_status"
+((IS_ROOT)) || log "  not root: root-only tests (BPF, nspawn, netns) will be skipped"
+log "run the tests with: $VENV/bin/pytest"
