@@ -25,6 +25,7 @@ MAX_NESTING_DEPTH = 64
 MAX_EXPANDED_NODES = 100_000
 REPLACE_TAG = "!replace"
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 _COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", REPLACE_TAG}
 
 
@@ -139,15 +140,20 @@ class _DataBuilder:
         return self._build_scalar(node)
 
     def _build_mapping(self, node: MappingNode, path: FieldPath) -> dict[str, Any]:
-        self._loader.flatten_mapping(node)  # resolves `<<` merge keys in place
-        mapping: dict[str, Any] = {}
-        for key_node, value_node in node.value:
+        written: dict[str, int] = {}
+        for key_node, _ in node.value:
             if not isinstance(key_node, ScalarNode):
                 raise _error(self._file, _line(key_node), "a key must be a plain name, not a list or a map")
+            if key_node.tag == _MERGE_TAG:
+                continue
+            if key_node.value in written:
+                first = written[key_node.value]
+                raise _error(self._file, _line(key_node), f"duplicate key {key_node.value!r} (first written on line {first})")
+            written[key_node.value] = _line(key_node)
+        self._loader.flatten_mapping(node)  # resolves `<<` merge keys: merged entries first, own keys after
+        mapping: dict[str, Any] = {}
+        for key_node, value_node in node.value:
             key = str(key_node.value)
-            if key in mapping:
-                first = self.lines.get(path + (key,))
-                raise _error(self._file, _line(key_node), f"duplicate key {key!r} (first written on line {first})")
             self.lines[path + (key,)] = _line(key_node)
             mapping[key] = self.build(value_node, path + (key,))
         return mapping
