@@ -6,9 +6,9 @@ from controller.compiler.plan import PLAN_FILES, CompiledPlan, compile_profile, 
 from controller.compiler.volumes import choose_additional_device
 
 __all__ = [
-    "PLAN_FILES",
     "CompileResult",
     "CompiledPlan",
+    "PLAN_FILES",
     "choose_additional_device",
     "compile_profile",
     "compile_reference",

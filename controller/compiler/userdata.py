@@ -95,7 +95,7 @@ def _write_file(path: str, mode: str, owner: str, content: str) -> str:
     command = f"km_write_file {shlex.quote(path)} {mode} {owner}"
     lines = content.split("\n")
     if not content.endswith("\n") or "\r" in content:
-        return f"{command} {_b64(content)}"
+        return f"{command} {shlex.quote(_b64(content))}"  # quoted: empty content stays an argument
     delimiter = "KM_EOF"
     while delimiter in lines:
         delimiter += "_"
