@@ -3,7 +3,7 @@
     doit list                 every task
     doit compile:goose        build/goose/{plan.json,userdata.sh,iam-policy.json,host-agent.json}
 
-doit's own dependency file is a cache (json backend, under build/); the truth about sandboxes and
+doit's own dependency file is a cache (json backend, `.doit.json`); the truth about sandboxes and
 images lives in the cloud or the local state database.
 """
 
@@ -20,17 +20,16 @@ from controller.profile import ProfileError, ProfileResolver
 from controller.profile.catalog import builtin_profiles
 
 BUILD_DIR = Path("build")
-BUILD_DIR.mkdir(exist_ok=True)
 COMPILER_SOURCES = sorted(
     str(path) for package in ("controller/compiler", "controller/profile") for path in Path(package).glob("*.py")
 ) + ["host_agent/config.py", "host_agent/systemd/km-host-agent.service"]
 
-DOIT_CONFIG = {"dep_file": str(BUILD_DIR / ".doit.json"), "backend": "json", "verbosity": 2}
+DOIT_CONFIG = {"dep_file": ".doit.json", "backend": "json", "verbosity": 2}
 
 
 def _compile(name: str) -> TaskFailed | None:
     try:
-        result = compile_reference(name)
+        result = compile_reference(name, BUILD_DIR / name)
     except ProfileError as error:
         return TaskFailed("\n".join(str(finding) for finding in error.findings))
     print(f"{result.name}: {result.directory} (plan {result.hash[:12]})")

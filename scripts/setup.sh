@@ -13,6 +13,7 @@ APT_PACKAGES=(
     libbpfcc        # libbcc.so.0
     bpfcc-tools     # BCC tools (execsnoop, opensnoop, ...) for debugging
     bpftool         # inspect loaded BPF programs and maps
+    shellcheck      # the tests lint every compiled userdata.sh with it
 )
 if command -v dpkg >/dev/null 2>&1; then
     # Kernel headers BCC compiles against: Debian's per-architecture meta package, Ubuntu's generic one.

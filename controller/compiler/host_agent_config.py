@@ -8,7 +8,6 @@ profile's own so `--no-bedrock` can remove exactly it.
 from __future__ import annotations
 
 from controller.profile import SandboxProfile, parse_duration
-from controller.profile.field_types import normalise_dns_name
 from host_agent.config import (
     ArtifactsPolicy,
     BudgetPolicy,
@@ -21,6 +20,7 @@ from host_agent.config import (
     SourceAccessPolicy,
     TLSCapturePolicy,
 )
+from host_agent.dnsnames import normalise_dns_name
 
 
 def bedrock_env(profile: SandboxProfile) -> dict[str, str]:

@@ -17,11 +17,10 @@ ARTIFACTS_BUCKET = "${km:ArtifactsBucket}"
 # Prefixes of the artifacts bucket a sandbox writes to; each is followed by the sandbox id.
 SANDBOX_PREFIXES = ("agent-runs", "artifacts", "telemetry", "learn")
 
+# Converse and ConverseStream are authorised through these two actions; they are not IAM actions of their own.
 BEDROCK_INVOKE_ACTIONS = [
     "bedrock:InvokeModel",
     "bedrock:InvokeModelWithResponseStream",
-    "bedrock:Converse",
-    "bedrock:ConverseStream",
 ]
 
 

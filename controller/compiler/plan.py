@@ -88,7 +88,7 @@ def write_plan(compiled: CompiledPlan, out_dir: Path) -> list[Path]:
     changed = []
     for name, content in compiled.files().items():
         target = out_dir / name
-        if target.is_file() and target.read_text(encoding="utf-8") == content:
+        if target.is_file() and target.read_bytes() == content.encode("utf-8"):
             continue
         _atomic_write(target, content, mode=0o755 if name.endswith(".sh") else 0o644)
         changed.append(target)
@@ -102,7 +102,7 @@ def _json(value: object) -> str:
 def _atomic_write(target: Path, content: str, mode: int) -> None:
     fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
             stream.write(content)
         os.chmod(temporary, mode)
         os.replace(temporary, target)

@@ -70,15 +70,15 @@ km_mount_volume() {  # device mount-point: format when blank, mount by UUID, kee
   grep -q "UUID=$uuid " /etc/fstab || echo "UUID=$uuid $mount_point ext4 defaults,nofail 0 2" >> /etc/fstab
   mount "$mount_point"
 }
-km_mount_efs() {  # mount-point: the shared EFS file system named by KM_EFS_ID
-  local mount_point=$1
+km_mount_efs() {  # mount-point region: the shared EFS file system named by KM_EFS_ID
+  local mount_point=$1 region=${KM_REGION:-$2}
   if mountpoint -q "$mount_point"; then km_log "$mount_point already mounted; leaving it"; return 0; fi
   : "${KM_EFS_ID:?KM_EFS_ID is not set in /etc/km/sandbox.env: run km init to create the EFS file system}"
   mkdir -p "$mount_point"
   if command -v mount.efs >/dev/null 2>&1; then
     grep -q "^$KM_EFS_ID:/ " /etc/fstab || echo "$KM_EFS_ID:/ $mount_point efs _netdev,nofail,tls 0 0" >> /etc/fstab
   else
-    grep -q "^$KM_EFS_ID.efs" /etc/fstab || echo "$KM_EFS_ID.efs.${KM_REGION:-$AWS_REGION}.amazonaws.com:/ $mount_point nfs4 nfsvers=4.1,_netdev,nofail 0 0" >> /etc/fstab
+    grep -q "^$KM_EFS_ID.efs" /etc/fstab || echo "$KM_EFS_ID.efs.$region.amazonaws.com:/ $mount_point nfs4 nfsvers=4.1,_netdev,nofail 0 0" >> /etc/fstab
   fi
   mount "$mount_point"
   chmod 1777 "$mount_point"
@@ -136,7 +136,7 @@ def _environment_section(config: HostAgentConfig) -> list[str]:
     return ["km_log 'environment'", _write_file(PROFILE_ENV_PATH, "0644", "root:root", profile_env_script(env))]
 
 
-def _volumes_section(volumes: list[Volume]) -> list[str]:
+def _volumes_section(volumes: list[Volume], region: str) -> list[str]:
     lines: list[str] = []
     for volume in volumes:
         if volume.kind == "ebs" and volume.device:
@@ -144,7 +144,7 @@ def _volumes_section(volumes: list[Volume]) -> list[str]:
             lines.append(f"km_mount_volume {shlex.quote(volume.device)} {shlex.quote(volume.mount_point)}")
         elif volume.kind == "efs":
             lines.append(f"km_log {shlex.quote(f'efs at {volume.mount_point}')}")
-            lines.append(f"km_mount_efs {shlex.quote(volume.mount_point)}")
+            lines.append(f"km_mount_efs {shlex.quote(volume.mount_point)} {shlex.quote(region)}")
     return [_VOLUME_FUNCTIONS.rstrip("\n"), *lines] if lines else []
 
 
@@ -200,7 +200,7 @@ def render_userdata(profile: SandboxProfile, volumes: list[Volume], config: Host
     sections = [
         _users_section(profile),
         _environment_section(config),
-        _volumes_section(volumes),
+        _volumes_section(volumes, profile.spec.runtime.region),
         _config_files_section(profile),
         _init_section(profile),
         _host_agent_section(config),

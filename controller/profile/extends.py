@@ -86,6 +86,8 @@ class ProfileResolver:
     def load(self, reference: str) -> MergedDocument:
         """Resolve a name or path given by an operator and merge its ancestry."""
         file = self.find(reference)
+        if file is None and reference.endswith((".yaml", ".yml")):
+            raise ProfileError([Finding((), f"file not found: {reference}")])
         if file is None:
             searched = ", ".join(str(d) for d in self.search_dirs())
             raise ProfileError([Finding((), f"no profile named {reference!r} (a file path, or a name looked up in {searched})")])

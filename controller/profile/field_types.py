@@ -15,6 +15,7 @@ from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
 from controller.profile.durations import DurationError, parse_duration
+from host_agent.dnsnames import normalise_dns_name
 
 AMI_SLUGS = ("amazon-linux-2023", "ubuntu-24.04", "ubuntu-22.04", "debian-12")
 
@@ -63,8 +64,8 @@ def _check_region(text: str) -> str:
 def _check_absolute_path(text: str) -> str:
     if not text.startswith("/"):
         raise _fail(f"{text!r} must be an absolute path (start with /)")
-    if "\0" in text or "\n" in text:
-        raise _fail("a path cannot contain NUL or newline characters")
+    if any(ord(char) < 32 or char == "\x7f" for char in text):
+        raise _fail("a path cannot contain control characters (newlines, tabs, NUL, ...)")
     stripped = text.rstrip("/") or "/"
     normal = "/" + posixpath.normpath(stripped).lstrip("/")
     if stripped != normal:
@@ -84,17 +85,11 @@ def _check_instance_type(text: str) -> str:
     return text
 
 
-def normalise_dns_name(text: str) -> str:
-    """Lower-case, IDNA-encoded, without leading or trailing dots: the form every matcher compares."""
-    name = text.strip().strip(".").lower()
-    return name.encode("idna").decode("ascii") if name else name
-
-
 def _check_dns_name(text: str, what: str) -> str:
     try:
         name = normalise_dns_name(text)
     except UnicodeError:
-        raise _fail(f"{text!r} is not a valid {what} (IDNA encoding failed)") from None
+        raise _fail(f"{text!r} is not a valid {what}; write it like .github.com or api.github.com") from None
     labels = name.split(".")
     if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise _fail(f"{text!r} is not a valid {what}; write it like .github.com or api.github.com")

@@ -86,7 +86,10 @@ def test_goose_volumes() -> None:
     ]
 
 
-@pytest.mark.parametrize(("ami", "root_device"), [("amazon-linux-2023", "/dev/xvda"), ("debian-12", "/dev/xvda"), ("ubuntu-24.04", "/dev/sda1"), ("ubuntu-22.04", "/dev/sda1")])
+@pytest.mark.parametrize(
+    ("ami", "root_device"),
+    [("amazon-linux-2023", "/dev/xvda"), ("debian-12", "/dev/xvda"), ("ubuntu-24.04", "/dev/sda1"), ("ubuntu-22.04", "/dev/sda1")],
+)
 def test_root_device_follows_the_image(tmp_path: Path, ami: str, root_device: str) -> None:
     def edit(spec: dict[str, Any]) -> None:
         spec["runtime"]["ami"] = ami
