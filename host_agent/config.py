@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CONFIG_PATH = Path("/etc/km/host-agent.json")
 SANDBOX_ENV_PATH = Path("/etc/km/sandbox.env")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 
 class _Contract(BaseModel):
@@ -126,5 +126,10 @@ def load_identity(path: Path = SANDBOX_ENV_PATH) -> SandboxIdentity:
             continue
         key, _, value = line.partition("=")
         values[key.strip()] = value.strip().strip("'\"")
-    fields = {"KM_SANDBOX_ID": "sandbox_id", "KM_ALIAS": "alias", "KM_ARTIFACTS_URI": "artifacts_uri", "KM_RESOURCE_PREFIX": "resource_prefix"}
+    fields = {
+        "KM_SANDBOX_ID": "sandbox_id",
+        "KM_ALIAS": "alias",
+        "KM_ARTIFACTS_URI": "artifacts_uri",
+        "KM_RESOURCE_PREFIX": "resource_prefix",
+    }
     return SandboxIdentity.model_validate({name: values[key] for key, name in fields.items() if key in values})

@@ -45,7 +45,9 @@ ValidateText = Callable[..., ValidationReport]
 def validate_text(tmp_path: Path) -> ValidateText:
     """Validate YAML text (or data) as if it were the file `tmp_path/<name>`."""
 
-    def run(content: str | dict[str, Any], name: str = "profile.yaml", resolver: ProfileResolver | None = None) -> ValidationReport:
+    def run(
+        content: str | dict[str, Any], name: str = "profile.yaml", resolver: ProfileResolver | None = None
+    ) -> ValidationReport:
         text = content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False)
         file = tmp_path / name
         file.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,12 @@ def environment(tree: Path) -> dict[str, str]:
 def doit(tree: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "doit", *arguments],
-        cwd=tree, env=environment(tree), capture_output=True, text=True, check=False, timeout=300,
+        cwd=tree,
+        env=environment(tree),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
 
 
@@ -68,8 +73,16 @@ def tree(tmp_path: Path) -> Path:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     # The copy, not the editable install, must be what doit imports: otherwise profile edits here go unseen.
     probe = subprocess.run(
-        [sys.executable, "-c", "import controller.profile as p, controller.compiler as c; print(p.BUILTIN_PROFILES_DIR); print(c.__file__)"],
-        cwd=root, env=environment(root), capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import controller.profile as p, controller.compiler as c; print(p.BUILTIN_PROFILES_DIR); print(c.__file__)",
+        ],
+        cwd=root,
+        env=environment(root),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     profiles_dir, compiler_init = probe.stdout.splitlines()
     assert Path(profiles_dir) == root / "profiles"
@@ -133,7 +146,9 @@ def test_open_dev_recompiles_when_locked_changes_and_goose_does_not(tree: Path) 
     locked = tree / "profiles" / "base" / "network" / "locked.yaml"
     text = locked.read_text(encoding="utf-8")
     assert "        - .github.com\n" in text
-    locked.write_text(text.replace("        - .github.com\n", "        - .github.com\n        - .example.org\n"), encoding="utf-8")
+    locked.write_text(
+        text.replace("        - .github.com\n", "        - .github.com\n        - .example.org\n"), encoding="utf-8"
+    )
     result = doit(tree, "compile:open-dev", "compile:goose")
     assert result.returncode == 0, result.stdout + result.stderr
     assert ran(result) == {"compile:open-dev"}
@@ -181,7 +196,9 @@ def test_an_invalid_profile_fails_its_task_with_the_finding(tree: Path) -> None:
 
 def test_a_missing_parent_still_lists_the_task_and_fails_it(tree: Path) -> None:
     open_dev = tree / "profiles" / "open-dev.yaml"
-    open_dev.write_text(open_dev.read_text(encoding="utf-8").replace("base/network/locked", "base/network/missing"), encoding="utf-8")
+    open_dev.write_text(
+        open_dev.read_text(encoding="utf-8").replace("base/network/locked", "base/network/missing"), encoding="utf-8"
+    )
     listing = doit(tree, "list", "--all", "--quiet")
     assert listing.returncode == 0, listing.stderr
     assert "compile:open-dev" in listing.stdout.split()

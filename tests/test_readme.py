@@ -26,7 +26,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def test_profile_reference_is_generated_from_the_schema() -> None:
-    section = README[README.index(START_MARKER) + len(START_MARKER): README.index(END_MARKER)]
+    section = README[README.index(START_MARKER) + len(START_MARKER) : README.index(END_MARKER)]
     assert section.strip() == profile_reference().strip(), "run: .venv/bin/km profile reference --update README.md"
 
 

@@ -72,8 +72,12 @@ def list_command(as_json: bool) -> None:
 
 
 @profile_group.command("reference")
-@click.option("--update", "target", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Rewrite the reference section of this Markdown file in place.")
+@click.option(
+    "--update",
+    "target",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Rewrite the reference section of this Markdown file in place.",
+)
 def reference_command(target: Path | None) -> None:
     """Print the profile field reference (generated from the schema)."""
     if target is None:

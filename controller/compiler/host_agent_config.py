@@ -56,7 +56,11 @@ def host_agent_config(profile: SandboxProfile) -> HostAgentConfig:
             env=dict(spec.execution.env),
             bedrock_env={k: v for k, v in bedrock_env(profile).items() if k not in spec.execution.env},
             default_agent=spec.cli.agent,
-            agent_args={"claude": list(spec.cli.claude_args), "codex": list(spec.cli.codex_args), "goose": list(spec.cli.goose_args)},
+            agent_args={
+                "claude": list(spec.cli.claude_args),
+                "codex": list(spec.cli.codex_args),
+                "goose": list(spec.cli.goose_args),
+            },
             no_bedrock_default=spec.cli.no_bedrock,
         ),
         egress=EgressPolicy(

@@ -73,25 +73,31 @@ def iam_policy(profile: SandboxProfile) -> dict[str, Any]:
         },
     ]
     if profile.spec.execution.use_bedrock:
-        statements.append({
-            "Sid": "BedrockInvoke",
-            "Effect": "Allow",
-            "Action": BEDROCK_INVOKE_ACTIONS,
-            "Resource": [
-                # Cross-region inference profiles (us.anthropic.…) invoke the model in other regions of
-                # their geography; the region lock still applies to the region the call is made in.
-                "arn:aws:bedrock:*::foundation-model/*",
-                *(f"arn:aws:bedrock:{region}:*:inference-profile/*" for region in regions),
-            ],
-        })
+        statements.append(
+            {
+                "Sid": "BedrockInvoke",
+                "Effect": "Allow",
+                "Action": BEDROCK_INVOKE_ACTIONS,
+                "Resource": [
+                    # Cross-region inference profiles (us.anthropic.…) invoke the model in other regions of
+                    # their geography; the region lock still applies to the region the call is made in.
+                    "arn:aws:bedrock:*::foundation-model/*",
+                    *(f"arn:aws:bedrock:{region}:*:inference-profile/*" for region in regions),
+                ],
+            }
+        )
     identity = profile.spec.identity
     if identity is not None and identity.allowed_secret_paths:
-        statements.append({
-            "Sid": "ReadAllowedSecrets",
-            "Effect": "Allow",
-            "Action": ["ssm:GetParameter", "ssm:GetParameters"],
-            "Resource": [f"arn:aws:ssm:{region}:*:parameter{path}" for region in regions for path in identity.allowed_secret_paths],
-        })
+        statements.append(
+            {
+                "Sid": "ReadAllowedSecrets",
+                "Effect": "Allow",
+                "Action": ["ssm:GetParameter", "ssm:GetParameters"],
+                "Resource": [
+                    f"arn:aws:ssm:{region}:*:parameter{path}" for region in regions for path in identity.allowed_secret_paths
+                ],
+            }
+        )
     return {"Version": "2012-10-17", "Statement": statements}
 
 

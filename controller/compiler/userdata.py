@@ -75,11 +75,11 @@ km_mount_efs() {  # mount-point region: the shared EFS file system named by KM_E
   if mountpoint -q "$mount_point"; then km_log "$mount_point already mounted; leaving it"; return 0; fi
   : "${KM_EFS_ID:?KM_EFS_ID is not set in /etc/km/sandbox.env: run km init to create the EFS file system}"
   mkdir -p "$mount_point"
-  if command -v mount.efs >/dev/null 2>&1; then
-    grep -q "^$KM_EFS_ID:/ " /etc/fstab || echo "$KM_EFS_ID:/ $mount_point efs _netdev,nofail,tls 0 0" >> /etc/fstab
-  else
-    grep -q "^$KM_EFS_ID.efs" /etc/fstab || echo "$KM_EFS_ID.efs.$region.amazonaws.com:/ $mount_point nfs4 nfsvers=4.1,_netdev,nofail 0 0" >> /etc/fstab
+  local entry="$KM_EFS_ID:/ $mount_point efs _netdev,nofail,tls 0 0"
+  if ! command -v mount.efs >/dev/null 2>&1; then  # plain NFS when amazon-efs-utils is absent
+    entry="$KM_EFS_ID.efs.$region.amazonaws.com:/ $mount_point nfs4 nfsvers=4.1,_netdev,nofail 0 0"
   fi
+  grep -qF "$entry" /etc/fstab || echo "$entry" >> /etc/fstab
   mount "$mount_point"
   chmod 1777 "$mount_point"
 }
@@ -126,7 +126,7 @@ def _users_section(profile: SandboxProfile) -> list[str]:
     else:
         lines += [
             "rm -f /etc/sudoers.d/km-sandbox",
-            "for group in wheel sudo adm; do gpasswd -d sandbox \"$group\" >/dev/null 2>&1 || true; done",
+            'for group in wheel sudo adm; do gpasswd -d sandbox "$group" >/dev/null 2>&1 || true; done',
         ]
     return lines
 
@@ -186,8 +186,8 @@ def _host_agent_section(config: HostAgentConfig) -> list[str]:
     return [
         "km_log 'host agent'",
         "if ! command -v km-host-agent >/dev/null 2>&1; then",
-        "  : \"${KM_HOST_AGENT_WHEEL:?km-host-agent is not installed: use an image baked by km (doit bake) or set KM_HOST_AGENT_WHEEL}\"",
-        "  python3 -m pip install --quiet \"$KM_HOST_AGENT_WHEEL\"",
+        '  : "${KM_HOST_AGENT_WHEEL:?km-host-agent is missing: use an image baked by km (doit bake) or set KM_HOST_AGENT_WHEEL}"',
+        '  python3 -m pip install --quiet "$KM_HOST_AGENT_WHEEL"',
         "fi",
         _write_file(str(CONFIG_PATH), "0644", "root:root", config.to_json()),
         _write_file(UNIT_PATH, "0644", "root:root", host_agent_unit()),

@@ -18,7 +18,12 @@ from controller.profile import Finding, ProfileError, SandboxProfile
 VolumeKind = Literal["root", "ebs", "efs"]
 CANDIDATE_LETTERS = "fghijklmnop"
 # Where each image family's root device is mapped (EC2 conventions for the public images).
-ROOT_DEVICE_BY_AMI = {"amazon-linux-2023": "/dev/xvda", "debian-12": "/dev/xvda", "ubuntu-24.04": "/dev/sda1", "ubuntu-22.04": "/dev/sda1"}
+ROOT_DEVICE_BY_AMI = {
+    "amazon-linux-2023": "/dev/xvda",
+    "debian-12": "/dev/xvda",
+    "ubuntu-24.04": "/dev/sda1",
+    "ubuntu-22.04": "/dev/sda1",
+}
 _DEVICE = re.compile(r"/dev/(?:sd|xvd)([a-z])\d*")
 
 
@@ -31,7 +36,13 @@ class Volume:
     encrypted: bool = False
 
     def as_json(self) -> dict[str, object]:
-        return {"device": self.device, "mountPoint": self.mount_point, "sizeGiB": self.size_gib, "kind": self.kind, "encrypted": self.encrypted}
+        return {
+            "device": self.device,
+            "mountPoint": self.mount_point,
+            "sizeGiB": self.size_gib,
+            "kind": self.kind,
+            "encrypted": self.encrypted,
+        }
 
 
 def claimed_letters(device_names: Iterable[str]) -> set[str]:
@@ -49,15 +60,21 @@ def choose_additional_device(ami_block_device_names: Iterable[str]) -> str:
     for letter in CANDIDATE_LETTERS:
         if letter not in taken:
             return f"/dev/sd{letter}"
-    raise ProfileError([Finding(
-        ("spec", "runtime", "additionalVolume"),
-        "the image maps every device from /dev/sdf to /dev/sdp; use an image with fewer block device mappings",
-    )])
+    raise ProfileError(
+        [
+            Finding(
+                ("spec", "runtime", "additionalVolume"),
+                "the image maps every device from /dev/sdf to /dev/sdp; use an image with fewer block device mappings",
+            )
+        ]
+    )
 
 
 def plan_volumes(profile: SandboxProfile, ami: str, ami_block_device_names: Iterable[str] = ()) -> list[Volume]:
     runtime = profile.spec.runtime
-    volumes = [Volume(ROOT_DEVICE_BY_AMI.get(ami, "/dev/xvda"), "/", runtime.root_volume_size or None, "root", runtime.hibernation)]
+    volumes = [
+        Volume(ROOT_DEVICE_BY_AMI.get(ami, "/dev/xvda"), "/", runtime.root_volume_size or None, "root", runtime.hibernation)
+    ]
     if runtime.additional_volume is not None:
         extra = runtime.additional_volume
         device = choose_additional_device(ami_block_device_names)

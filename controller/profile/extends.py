@@ -124,9 +124,11 @@ class ProfileResolver:
         parent_file = self.find(name, document.file.parent)
         if parent_file is None:
             searched = ", ".join(str(d) for d in self.search_dirs(document.file.parent))
-            raise ProfileError([Finding(path, f"parent profile {name!r} not found (looked for {name}.yaml in {searched})", where)])
+            raise ProfileError(
+                [Finding(path, f"parent profile {name!r} not found (looked for {name}.yaml in {searched})", where)]
+            )
         if parent_file in chain:
-            cycle = " → ".join(_profile_label(f) for f in chain[chain.index(parent_file):] + (parent_file,))
+            cycle = " → ".join(_profile_label(f) for f in chain[chain.index(parent_file) :] + (parent_file,))
             raise ProfileError([Finding(path, f"extends cycle: {cycle}; remove one of these extends", where)])
         if len(chain) >= MAX_EXTENDS_DEPTH:
             trail = " → ".join(_profile_label(f) for f in chain + (parent_file,))
@@ -146,12 +148,16 @@ def _extends_names(document: SourceDocument) -> list[tuple[int | None, str]]:
     elif isinstance(value, list):
         items = list(enumerate(value))
     else:
-        raise ProfileError([Finding(("extends",), "extends takes a profile name or a list of names", document.location(("extends",)))])
+        raise ProfileError(
+            [Finding(("extends",), "extends takes a profile name or a list of names", document.location(("extends",)))]
+        )
     names: list[tuple[int | None, str]] = []
     for index, name in items:
         path: FieldPath = ("extends",) if index is None else ("extends", index)
         if not isinstance(name, str) or not name.strip():
-            raise ProfileError([Finding(path, "a parent is named by a non-empty string, e.g. base/network/locked", document.location(path))])
+            raise ProfileError(
+                [Finding(path, "a parent is named by a non-empty string, e.g. base/network/locked", document.location(path))]
+            )
         names.append((index, name))
     return names
 

@@ -19,7 +19,9 @@ from host_agent.dnsnames import normalise_dns_name
 
 AMI_SLUGS = ("amazon-linux-2023", "ubuntu-24.04", "ubuntu-22.04", "debian-12")
 
-_REGION = re.compile(r"[a-z]{2}(-gov|-iso[a-z]?)?-(north|south|east|west|central|northeast|northwest|southeast|southwest)-\d{1,2}")
+_REGION = re.compile(
+    r"[a-z]{2}(-gov|-iso[a-z]?)?-(north|south|east|west|central|northeast|northwest|southeast|southwest)-\d{1,2}"
+)
 _AMI_ID = re.compile(r"ami-[0-9a-f]{8,17}")
 _INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9]+")
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -100,7 +102,9 @@ def _check_dns_suffix(text: str) -> str:
     if text == "*":
         return text
     if "*" in text:
-        raise _fail(f"{text!r}: wildcards are implicit in a suffix; write {text.replace('*', '').lstrip('.')!r} or '*' for every name")
+        raise _fail(
+            f"{text!r}: wildcards are implicit in a suffix; write {text.replace('*', '').lstrip('.')!r} or '*' for every name"
+        )
     _check_dns_name(text.lstrip("."), "DNS suffix")
     return text
 

@@ -71,7 +71,13 @@ def _type_name(annotation: Any) -> str:
         return f"map {_type_name(arguments[0])} → {_type_name(arguments[1])}"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section"
-    return getattr(annotation, "__name__", str(annotation)).replace("str", "string").replace("int", "integer").replace("bool", "boolean").replace("float", "number")
+    return (
+        getattr(annotation, "__name__", str(annotation))
+        .replace("str", "string")
+        .replace("int", "integer")
+        .replace("bool", "boolean")
+        .replace("float", "number")
+    )
 
 
 _LABELS = {"ttl": 'duration or `"0"`', "ami": "image slug or id", "name": "name"}
@@ -82,7 +88,7 @@ def _validator_label(metadata: list[Any]) -> str | None:
     for item in metadata:
         function = getattr(item, "func", None)
         if function is not None:
-            label = function.__name__.removeprefix("_check_")
+            label = str(function.__name__).removeprefix("_check_")
             return _LABELS.get(label, label.replace("_", " "))
     return None
 

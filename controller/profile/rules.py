@@ -21,15 +21,27 @@ ROLE_SESSION_BOUNDS_SECONDS = (3_600, 43_200)  # IAM MaxSessionDuration: 1 hour 
 
 # Memory of common instance types, GiB: hibernation writes RAM to the root volume, so it must fit.
 INSTANCE_MEMORY_GIB: dict[str, float] = {
-    **{f"{family}.{size}": ram for family in ("t3", "t3a") for size, ram in (
-        ("nano", 0.5), ("micro", 1), ("small", 2), ("medium", 4), ("large", 8), ("xlarge", 16), ("2xlarge", 32))},
+    **{
+        f"{family}.{size}": ram
+        for family in ("t3", "t3a")
+        for size, ram in (("nano", 0.5), ("micro", 1), ("small", 2), ("medium", 4), ("large", 8), ("xlarge", 16), ("2xlarge", 32))
+    },
     **{f"t2.{size}": ram for size, ram in (("micro", 1), ("small", 2), ("medium", 4), ("large", 8), ("xlarge", 16))},
-    **{f"{family}.{size}": ram for family in ("m5", "m5a", "m6i", "m6a", "m7i", "m7a") for size, ram in (
-        ("large", 8), ("xlarge", 16), ("2xlarge", 32), ("4xlarge", 64), ("8xlarge", 128))},
-    **{f"{family}.{size}": ram for family in ("c5", "c5a", "c6i", "c6a", "c7i") for size, ram in (
-        ("large", 4), ("xlarge", 8), ("2xlarge", 16), ("4xlarge", 32), ("8xlarge", 64))},
-    **{f"{family}.{size}": ram for family in ("r5", "r5a", "r6i", "r7i") for size, ram in (
-        ("large", 16), ("xlarge", 32), ("2xlarge", 64), ("4xlarge", 128))},
+    **{
+        f"{family}.{size}": ram
+        for family in ("m5", "m5a", "m6i", "m6a", "m7i", "m7a")
+        for size, ram in (("large", 8), ("xlarge", 16), ("2xlarge", 32), ("4xlarge", 64), ("8xlarge", 128))
+    },
+    **{
+        f"{family}.{size}": ram
+        for family in ("c5", "c5a", "c6i", "c6a", "c7i")
+        for size, ram in (("large", 4), ("xlarge", 8), ("2xlarge", 16), ("4xlarge", 32), ("8xlarge", 64))
+    },
+    **{
+        f"{family}.{size}": ram
+        for family in ("r5", "r5a", "r6i", "r7i")
+        for size, ram in (("large", 16), ("xlarge", 32), ("2xlarge", 64), ("4xlarge", 128))
+    },
 }
 
 
@@ -173,14 +185,28 @@ def warnings_for(profile: SandboxProfile) -> list[Finding]:
         found.append(Finding(_at("sourceAccess", "mode"), "github settings are ignored while mode is none", severity="warning"))
     github = spec.source_access.github
     if spec.source_access.mode == "allowlist" and (github is None or not github.allowed_repos):
-        found.append(Finding(_at("sourceAccess", "github", "allowedRepos"), "mode allowlist with no repositories denies every repository", severity="warning"))
+        found.append(
+            Finding(
+                _at("sourceAccess", "github", "allowedRepos"),
+                "mode allowlist with no repositories denies every repository",
+                severity="warning",
+            )
+        )
     if "*" in spec.network.egress.allowed_dns_suffixes:
-        found.append(Finding(_at("network", "egress", "allowedDNSSuffixes"), "'*' allows every name: egress by name is open", severity="warning"))
+        found.append(
+            Finding(
+                _at("network", "egress", "allowedDNSSuffixes"),
+                "'*' allows every name: egress by name is open",
+                severity="warning",
+            )
+        )
     for index, library in enumerate(spec.observability.tls_capture.libraries):
         if library != "openssl":
-            found.append(Finding(
-                _at("observability", "tlsCapture", "libraries", index),
-                f"{library} capture is not supported yet; only openssl is hooked, so {library} traffic is not captured",
-                severity="warning",
-            ))
+            found.append(
+                Finding(
+                    _at("observability", "tlsCapture", "libraries", index),
+                    f"{library} capture is not supported yet; only openssl is hooked, so {library} traffic is not captured",
+                    severity="warning",
+                )
+            )
     return found

@@ -121,9 +121,7 @@ class Egress(ProfileModel):
 
 
 class Network(ProfileModel):
-    enforcement: Enforcement = Field(
-        "ebpf", description="`ebpf` (kernel gate), `proxy` (L7 proxy by Host/SNI) or `both`."
-    )
+    enforcement: Enforcement = Field("ebpf", description="`ebpf` (kernel gate), `proxy` (L7 proxy by Host/SNI) or `both`.")
     egress: Egress = Field(default_factory=Egress, description="The egress allowlist; everything else is denied.")
 
 
@@ -184,9 +182,13 @@ class ClaudeTelemetry(ProfileModel):
     log_tool_details: bool = Field(False, description="Include tool arguments in telemetry.")
 
 
+def _openssl_only() -> list[TLSLibrary]:
+    return ["openssl"]
+
+
 class TLSCapture(ProfileModel):
     enabled: bool = Field(False, description="Capture TLS plaintext with uprobes (costs ~20 µs per SSL call).")
-    libraries: list[TLSLibrary] = Field(default_factory=lambda: ["openssl"], description="TLS libraries to hook.")
+    libraries: list[TLSLibrary] = Field(default_factory=_openssl_only, description="TLS libraries to hook.")
     capture_payloads: bool = Field(False, description="Record the first bytes of plaintext, not only metadata.")
     max_payload_bytes: int = Field(4096, ge=1, le=65536, description="Bytes of plaintext kept per event.")
 

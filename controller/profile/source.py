@@ -99,13 +99,13 @@ class _DepthLimitedLoader(yaml.SafeLoader):
         self._file = file
         self._depth = 0
 
-    def compose_node(self, parent: Node | None, index: object) -> Node | None:  # type: ignore[override]
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_NESTING_DEPTH:
-                mark = self.peek_event().start_mark
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
                 raise _error(self._file, mark.line + 1, f"nested deeper than {MAX_NESTING_DEPTH} levels")
-            return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -137,6 +137,7 @@ class _DataBuilder:
             return self._build_mapping(node, path)
         if isinstance(node, SequenceNode):
             return [self.build(item, path + (index,)) for index, item in enumerate(node.value)]
+        assert isinstance(node, ScalarNode)
         return self._build_scalar(node)
 
     def _build_mapping(self, node: MappingNode, path: FieldPath) -> dict[str, Any]:

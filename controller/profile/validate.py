@@ -126,7 +126,7 @@ def _finding_from_pydantic(error: Any, merged: MergedDocument) -> Finding:
 def _rephrase(message: str, given: object) -> str:
     text = message.replace("Input should be", "must be", 1)
     if text.startswith("Value error, "):
-        text = text[len("Value error, "):]
+        text = text[len("Value error, ") :]
     if "valid string" in text and isinstance(given, (int, float, bool)):
         return f"{text} (got {given!r}); quote it in YAML"
     if isinstance(given, (str, int, float, bool)) or given is None:

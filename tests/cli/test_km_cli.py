@@ -53,7 +53,10 @@ def test_validate_reports_file_line_path_and_fix(bad_profile: Path) -> None:
     # Only the unknown field is reported: rules run once the schema holds; fix it and the rule shows.
     bad_profile.write_text("\n".join(line for line in text if "regoin" not in line) + "\n")
     again = km("validate", str(bad_profile))
-    assert f"{bad_profile}:{spot_line}: spec.runtime.spot: hibernation requires spot: false (hibernation is on-demand only)" in again.stderr.splitlines()
+    assert (
+        f"{bad_profile}:{spot_line}: spec.runtime.spot: hibernation requires spot: false (hibernation is on-demand only)"
+        in again.stderr.splitlines()
+    )
 
 
 def test_validate_json_lists_every_result(bad_profile: Path) -> None:
@@ -73,7 +76,10 @@ def test_validate_json_lists_every_result(bad_profile: Path) -> None:
     [
         ("a: [unclosed\n", "invalid YAML"),
         ("a: 1\na: 2\n", "duplicate key"),
-        ("apiVersion: klankermaker.ai/v1alpha1\nkind: SandboxProfile\nextends: missing/parent\nmetadata: {name: x}\n", "parent profile 'missing/parent' not found"),
+        (
+            "apiVersion: klankermaker.ai/v1alpha1\nkind: SandboxProfile\nextends: missing/parent\nmetadata: {name: x}\n",
+            "parent profile 'missing/parent' not found",
+        ),
     ],
 )
 def test_broken_inputs_are_one_line_errors_not_tracebacks(tmp_path: Path, text: str, words: str) -> None:
@@ -138,7 +144,9 @@ def test_host_agent_reports_its_version_and_checks_a_compiled_config(tmp_path: P
     agent = str(BIN / "km-host-agent")
     assert subprocess.run([agent, "--version"], capture_output=True, text=True).stdout.strip() == "km-host-agent 0.1.0"
     km("compile", "goose", "--out", str(tmp_path))
-    checked = subprocess.run([agent, "check-config", "--config", str(tmp_path / "host-agent.json")], capture_output=True, text=True)
+    checked = subprocess.run(
+        [agent, "check-config", "--config", str(tmp_path / "host-agent.json")], capture_output=True, text=True
+    )
     assert checked.returncode == 0 and "profile goose, enforcement both" in checked.stdout
     (tmp_path / "broken.json").write_text('{"profile": "x"}')
     broken = subprocess.run([agent, "check-config", "--config", str(tmp_path / "broken.json")], capture_output=True, text=True)

@@ -40,29 +40,31 @@ def minimal_document() -> dict[str, Any]:
 
 
 def full_config() -> HostAgentConfig:
-    return HostAgentConfig.model_validate({
-        **minimal_document(),
-        "execution": {
-            "working_dir": "/workspace",
-            "shell": "/bin/bash",
-            "env": {"QUOTED": "a'b \"c\" $HOME", "UNICODE": "ünï ✓"},
-            "bedrock_env": {"CLAUDE_CODE_USE_BEDROCK": "1"},
-            "default_agent": "goose",
-            "agent_args": {"goose": ["--debug"]},
-            "no_bedrock_default": True,
-        },
-        "egress": {
-            "enforcement": "both",
-            "mode": "log",
-            "allowed_dns_suffixes": ["github.com", "*"],
-            "allowed_hosts": ["api.openai.com"],
-            "allowed_cidrs": ["10.0.0.0/8", "2001:db8::/32"],
-        },
-        "budget": {"compute_max_usd": 0.5, "ai_max_usd": 1.25, "warning_threshold": 0.9},
-        "source_access": {"mode": "allowlist", "allowed_repos": ["my-org/*"], "allowed_refs": ["feature/*"]},
-        "artifacts": {"paths": ["/workspace/out"], "max_size_mb": 100},
-        "observability": {"tls_capture": {"enabled": True, "capture_payloads": True, "max_payload_bytes": 512}},
-    })
+    return HostAgentConfig.model_validate(
+        {
+            **minimal_document(),
+            "execution": {
+                "working_dir": "/workspace",
+                "shell": "/bin/bash",
+                "env": {"QUOTED": 'a\'b "c" $HOME', "UNICODE": "ünï ✓"},
+                "bedrock_env": {"CLAUDE_CODE_USE_BEDROCK": "1"},
+                "default_agent": "goose",
+                "agent_args": {"goose": ["--debug"]},
+                "no_bedrock_default": True,
+            },
+            "egress": {
+                "enforcement": "both",
+                "mode": "log",
+                "allowed_dns_suffixes": ["github.com", "*"],
+                "allowed_hosts": ["api.openai.com"],
+                "allowed_cidrs": ["10.0.0.0/8", "2001:db8::/32"],
+            },
+            "budget": {"compute_max_usd": 0.5, "ai_max_usd": 1.25, "warning_threshold": 0.9},
+            "source_access": {"mode": "allowlist", "allowed_repos": ["my-org/*"], "allowed_refs": ["feature/*"]},
+            "artifacts": {"paths": ["/workspace/out"], "max_size_mb": 100},
+            "observability": {"tls_capture": {"enabled": True, "capture_payloads": True, "max_payload_bytes": 512}},
+        }
+    )
 
 
 def test_paths_are_where_the_boot_script_puts_them() -> None:
@@ -160,17 +162,28 @@ def test_policy_models_are_usable_on_their_own() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("KM_SANDBOX_ID=gebpfgk-0a1b2c3d\n", {"sandbox_id": "gebpfgk-0a1b2c3d", "alias": None, "artifacts_uri": None, "resource_prefix": "km"}),
+        (
+            "KM_SANDBOX_ID=gebpfgk-0a1b2c3d\n",
+            {"sandbox_id": "gebpfgk-0a1b2c3d", "alias": None, "artifacts_uri": None, "resource_prefix": "km"},
+        ),
         (
             "# written by km create\n\nKM_SANDBOX_ID=gebpfgk-0a1b2c3d\nKM_ALIAS=goose\n"
             "KM_ARTIFACTS_URI=s3://km-artifacts-123/prefix\nKM_RESOURCE_PREFIX=kmtest\nKM_EFS_ID=fs-0123\n",
-            {"sandbox_id": "gebpfgk-0a1b2c3d", "alias": "goose", "artifacts_uri": "s3://km-artifacts-123/prefix", "resource_prefix": "kmtest"},
+            {
+                "sandbox_id": "gebpfgk-0a1b2c3d",
+                "alias": "goose",
+                "artifacts_uri": "s3://km-artifacts-123/prefix",
+                "resource_prefix": "kmtest",
+            },
         ),
         (
             "KM_SANDBOX_ID='sb-deadbeef'\nKM_ALIAS=\"my-goose\"\n  KM_ARTIFACTS_URI=/var/lib/km/artifacts\nnot a pair\n",
             {"sandbox_id": "sb-deadbeef", "alias": "my-goose", "artifacts_uri": "/var/lib/km/artifacts", "resource_prefix": "km"},
         ),
-        ("KM_SANDBOX_ID=sb-1\nKM_SANDBOX_ID=sb-2\n", {"sandbox_id": "sb-2", "alias": None, "artifacts_uri": None, "resource_prefix": "km"}),
+        (
+            "KM_SANDBOX_ID=sb-1\nKM_SANDBOX_ID=sb-2\n",
+            {"sandbox_id": "sb-2", "alias": None, "artifacts_uri": None, "resource_prefix": "km"},
+        ),
         ("KM_SANDBOX_ID=sb-1=x\n", {"sandbox_id": "sb-1=x", "alias": None, "artifacts_uri": None, "resource_prefix": "km"}),
     ],
     ids=["id-only", "all-fields", "quotes-and-indent", "last-wins", "equals-in-value"],
@@ -195,10 +208,20 @@ def test_identity_reads_the_file_the_way_the_boot_script_does(tmp_path: Path) ->
         "# km\nKM_SANDBOX_ID=od-0a1b2c3d\nKM_ALIAS='open dev'\nKM_ARTIFACTS_URI=\"s3://bucket/with/prefix\"\n\nKM_RESOURCE_PREFIX=km\n",
         encoding="utf-8",
     )
-    shell = subprocess.run(
-        ["bash", "-c", f'set -a; . "{path}"; set +a; printf "%s\\0" "$KM_SANDBOX_ID" "$KM_ALIAS" "$KM_ARTIFACTS_URI" "$KM_RESOURCE_PREFIX"'],
-        capture_output=True, check=True, env={"PATH": os.environ["PATH"]},
-    ).stdout.decode().split("\0")[:-1]
+    shell = (
+        subprocess.run(
+            [
+                "bash",
+                "-c",
+                f'set -a; . "{path}"; set +a; printf "%s\\0" "$KM_SANDBOX_ID" "$KM_ALIAS" "$KM_ARTIFACTS_URI" "$KM_RESOURCE_PREFIX"',
+            ],
+            capture_output=True,
+            check=True,
+            env={"PATH": os.environ["PATH"]},
+        )
+        .stdout.decode()
+        .split("\0")[:-1]
+    )
     identity = load_identity(path)
     assert [identity.sandbox_id, identity.alias, identity.artifacts_uri, identity.resource_prefix] == shell
 
@@ -223,10 +246,20 @@ def test_the_sandbox_side_imports_nothing_from_the_operator_side() -> None:
 def test_check_config_command(tmp_path: Path) -> None:
     path = tmp_path / "host-agent.json"
     path.write_text(full_config().to_json(), encoding="utf-8")
-    ok = subprocess.run([sys.executable, "-m", "host_agent.cli", "check-config", "--config", str(path)], capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [sys.executable, "-m", "host_agent.cli", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "valid (profile tiny, enforcement both)" in ok.stdout
     path.write_text(json.dumps({**minimal_document(), "schema_version": 2}), encoding="utf-8")
-    bad = subprocess.run([sys.executable, "-m", "host_agent.cli", "check-config", "--config", str(path)], capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "host_agent.cli", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 1
     assert "schema_version" in bad.stderr

@@ -14,8 +14,16 @@ def test_no_host_agent_module_imports_controller() -> None:
     offenders = []
     for file in sorted((REPO_ROOT / "host_agent").rglob("*.py")):
         for node in ast.walk(ast.parse(file.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{file.relative_to(REPO_ROOT)}: {n}" for n in names if n == "controller" or n.startswith("controller.")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{file.relative_to(REPO_ROOT)}: {n}" for n in names if n == "controller" or n.startswith("controller.")
+            ]
     assert offenders == []
 
 

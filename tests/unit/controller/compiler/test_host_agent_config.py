@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -137,7 +138,11 @@ def test_bedrock_env_only_with_use_bedrock(tmp_path: Path, use_bedrock: bool) ->
 
     execution = host_agent_config(goose_variant(tmp_path, edit)).execution
     if use_bedrock:
-        assert execution.bedrock_env == {"CLAUDE_CODE_USE_BEDROCK": "1", "AWS_REGION": "us-west-2", "AWS_DEFAULT_REGION": "us-west-2"}
+        assert execution.bedrock_env == {
+            "CLAUDE_CODE_USE_BEDROCK": "1",
+            "AWS_REGION": "us-west-2",
+            "AWS_DEFAULT_REGION": "us-west-2",
+        }
     else:
         assert execution.bedrock_env == {}
     # The profile's own environment is never mixed into the Bedrock one, nor the other way round.
@@ -170,7 +175,14 @@ def test_goose_config() -> None:
     config = host_agent_config(profile)
     assert (config.profile, config.substrate, config.region) == ("goose", "ec2", "us-east-1")
     assert (config.lifecycle.ttl_seconds, config.lifecycle.idle_timeout_seconds) == (14_400, 3_600)
-    assert config.egress.allowed_dns_suffixes == ["amazonaws.com", "anthropic.com", "github.com", "githubusercontent.com", "npmjs.org", "pypi.org"]
+    assert config.egress.allowed_dns_suffixes == [
+        "amazonaws.com",
+        "anthropic.com",
+        "github.com",
+        "githubusercontent.com",
+        "npmjs.org",
+        "pypi.org",
+    ]
     assert (config.budget.compute_max_usd, config.budget.ai_max_usd, config.budget.warning_threshold) == (0.5, 1.0, 0.8)
     assert config.source_access.mode == "allowlist"
     assert config.source_access.allowed_repos == ["my-org/api", "my-org/infra"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -43,7 +44,9 @@ def as_list(value: str | list[str]) -> list[str]:
 
 
 def actions_of(policy: dict[str, Any], effect: str = "Allow") -> list[str]:
-    return [action for statement in statements(policy) if statement["Effect"] == effect for action in as_list(statement["Action"])]
+    return [
+        action for statement in statements(policy) if statement["Effect"] == effect for action in as_list(statement["Action"])
+    ]
 
 
 def set_regions(regions: list[str] | None, region: str = "us-east-1") -> Callable[[dict[str, Any]], None]:
@@ -196,7 +199,9 @@ def test_render_substitutes_every_placeholder(tmp_path: Path) -> None:
     assert all("gebpfgk-0a1b2c3d" in prefix for prefix in listing["Condition"]["StringLike"]["s3:prefix"])
     # Only placeholders change: the rest of the document is the same, and the input is left alone.
     assert policy == before
-    assert json.dumps(rendered).replace("gebpfgk-0a1b2c3d", SANDBOX_ID).replace("km-artifacts-123456789012", BUCKET) == json.dumps(policy)
+    assert json.dumps(rendered).replace("gebpfgk-0a1b2c3d", SANDBOX_ID).replace(
+        "km-artifacts-123456789012", BUCKET
+    ) == json.dumps(policy)
 
 
 def test_rendered_policy_fits_an_inline_role_policy(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -53,14 +54,22 @@ def test_goose_matches_the_golden_files() -> None:
     for name, content in files.items():
         golden = GOLDEN_DIR / name
         assert golden.is_file(), f"{golden} is missing; run with KM_UPDATE_GOLDEN=1 to create it"
-        assert content.encode("utf-8") == golden.read_bytes(), f"{name} differs from {golden}; if intended, rerun with KM_UPDATE_GOLDEN=1"
+        assert content.encode("utf-8") == golden.read_bytes(), (
+            f"{name} differs from {golden}; if intended, rerun with KM_UPDATE_GOLDEN=1"
+        )
 
 
 def test_golden_plan_says_what_the_reference_profile_says() -> None:
     """Guards the golden files themselves, so a bad update cannot hide behind KM_UPDATE_GOLDEN."""
     plan = json.loads((GOLDEN_DIR / "plan.json").read_text(encoding="utf-8"))
     assert list(plan) == PLAN_KEYS
-    assert plan["sandbox"] == {"prefix": "gebpfgk", "substrate": "ec2", "region": "us-east-1", "instanceType": "t3.medium", "ami": "amazon-linux-2023"}
+    assert plan["sandbox"] == {
+        "prefix": "gebpfgk",
+        "substrate": "ec2",
+        "region": "us-east-1",
+        "instanceType": "t3.medium",
+        "ami": "amazon-linux-2023",
+    }
     assert plan["profile"]["metadata"]["name"] == "goose"
     assert set(plan["hashes"]) == {"runtime", "policy"}
     assert [volume["mountPoint"] for volume in plan["volumes"]] == ["/", "/data", "/shared"]
@@ -125,7 +134,18 @@ def _set(*path_and_value: Any) -> Callable[[dict[str, Any]], None]:
         # Both: the environment is set at boot and handed to every agent run.
         (_set("execution", "env", {"GOOSE_PROVIDER": "anthropic"}), True, True),
     ],
-    ids=["compute-budget", "ai-budget", "ttl", "allowed-hosts", "learn-mode", "instance-type", "root-volume", "data-volume", "init-commands", "env"],
+    ids=[
+        "compute-budget",
+        "ai-budget",
+        "ttl",
+        "allowed-hosts",
+        "learn-mode",
+        "instance-type",
+        "root-volume",
+        "data-volume",
+        "init-commands",
+        "env",
+    ],
 )
 def test_hashes_separate_runtime_from_policy(
     tmp_path: Path, edit: Callable[[dict[str, Any]], None], runtime_changes: bool, policy_changes: bool

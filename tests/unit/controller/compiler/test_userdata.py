@@ -12,8 +12,9 @@ import shlex
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -30,7 +31,7 @@ WRITE_FILE_FUNCTION = re.compile(r"^km_write_file\(\) \{.*?^\}$", re.MULTILINE |
 OWNER = f"{os.getuid()}:{os.getgid()}"
 
 TRICKY_VALUES = {
-    "QUOTES": "a'b \"c\" $HOME \\\\ ;rm -rf /",
+    "QUOTES": 'a\'b "c" $HOME \\\\ ;rm -rf /',
     "EMPTY": "",
     "SUBSTITUTIONS": "`id` $(id) ${HOME} $((1+1))",
     "NEWLINES": "line one\nline two\n",
@@ -117,7 +118,9 @@ def test_userdata_of_every_builtin_profile_passes_shellcheck(tmp_path: Path, nam
     profile, _ = load_profile(name)
     script = tmp_path / "userdata.sh"
     script.write_text(compile_profile(profile).userdata, encoding="utf-8")
-    result = subprocess.run(["shellcheck", "--shell=bash", "--severity=warning", str(script)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["shellcheck", "--shell=bash", "--severity=warning", str(script)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -170,7 +173,10 @@ def test_profile_env_overrides_bedrock_env_in_the_boot_script(tmp_path: Path) ->
     assert run_write(userdata, PROFILE_ENV_PATH, target).returncode == 0
     text = target.read_text(encoding="utf-8")
     assert text.count("AWS_REGION=") == 1
-    assert env_of(target, ["AWS_REGION", "CLAUDE_CODE_USE_BEDROCK"]) == {"AWS_REGION": "eu-west-1", "CLAUDE_CODE_USE_BEDROCK": "1"}
+    assert env_of(target, ["AWS_REGION", "CLAUDE_CODE_USE_BEDROCK"]) == {
+        "AWS_REGION": "eu-west-1",
+        "CLAUDE_CODE_USE_BEDROCK": "1",
+    }
 
 
 def test_no_bedrock_env_without_use_bedrock(tmp_path: Path) -> None:
@@ -217,6 +223,7 @@ def test_config_files_are_reproduced_byte_exactly(tmp_path: Path, path: str) -> 
 
 def test_carriage_returns_in_content_never_reach_the_script_raw(tmp_path: Path) -> None:
     """Content with CR goes base64: the script stays plain LF text whatever the files hold."""
+
     def edit(spec: dict[str, Any]) -> None:
         spec["execution"]["configFiles"] = CONFIG_FILES
         spec["execution"]["env"] = {"CR": "carriage\rreturn"}
@@ -243,6 +250,7 @@ def test_host_agent_config_in_the_boot_script_is_the_compiled_one(tmp_path: Path
 
 def test_empty_config_file_is_written_empty_whatever_stdin_holds(tmp_path: Path) -> None:
     """Empty content must stay an (empty) argument: with three arguments km_write_file copies stdin instead."""
+
     def edit(spec: dict[str, Any]) -> None:
         spec["execution"]["configFiles"] = {"/etc/km-test/empty": ""}
 
@@ -258,7 +266,11 @@ def test_empty_config_file_is_written_empty_whatever_stdin_holds(tmp_path: Path)
     [
         ("/etc/km-test/system.conf", "root:root", None),
         ("/home/sandbox/.gitconfig", "sandbox:sandbox", None),
-        ("/home/sandbox/.config/tool/settings.toml", "sandbox:sandbox", "chown sandbox:sandbox /home/sandbox/.config/tool /home/sandbox/.config"),
+        (
+            "/home/sandbox/.config/tool/settings.toml",
+            "sandbox:sandbox",
+            "chown sandbox:sandbox /home/sandbox/.config/tool /home/sandbox/.config",
+        ),
         ("/workspace/.env", "sandbox:sandbox", None),
         ("/workspace/a/b.txt", "sandbox:sandbox", "chown sandbox:sandbox /workspace/a"),
         ("/home/other/file", "root:root", None),
@@ -299,8 +311,8 @@ def test_init_commands_appear_in_order_in_the_init_script(tmp_path: Path) -> Non
 def test_init_commands_run_in_order_and_stop_at_the_first_failure(tmp_path: Path) -> None:
     commands = [
         "printf '%s\\n' first >> \"$KM_TEST_OUT\"",
-        "printf '%s\\n' \"it's second\" >> \"$KM_TEST_OUT\"",
-        "test -n \"$KM_TEST_OUT\" && printf '%s\\n' third >> \"$KM_TEST_OUT\"",
+        'printf \'%s\\n\' "it\'s second" >> "$KM_TEST_OUT"',
+        'test -n "$KM_TEST_OUT" && printf \'%s\\n\' third >> "$KM_TEST_OUT"',
         "false",
         "printf '%s\\n' never >> \"$KM_TEST_OUT\"",
     ]
@@ -310,7 +322,11 @@ def test_init_commands_run_in_order_and_stop_at_the_first_failure(tmp_path: Path
     assert stat.S_IMODE(init_script.stat().st_mode) == 0o700
     out = tmp_path / "out.txt"
     result = subprocess.run(
-        ["bash", str(init_script)], capture_output=True, text=True, check=False, timeout=30,
+        ["bash", str(init_script)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
         env={"PATH": os.environ["PATH"], "KM_TEST_OUT": str(out)},
     )
     assert result.returncode != 0
@@ -332,7 +348,9 @@ def test_sudo_only_when_privileged(tmp_path: Path, privileged: bool) -> None:
     userdata = compile_profile(goose_variant(tmp_path, edit)).userdata
     if privileged:
         assert "rm -f /etc/sudoers.d/km-sandbox" not in userdata
-        assert write_command(userdata, "/etc/sudoers.d/km-sandbox").startswith("km_write_file /etc/sudoers.d/km-sandbox 0440 root:root")
+        assert write_command(userdata, "/etc/sudoers.d/km-sandbox").startswith(
+            "km_write_file /etc/sudoers.d/km-sandbox 0440 root:root"
+        )
         target = tmp_path / "km-sandbox"
         assert run_write(userdata, "/etc/sudoers.d/km-sandbox", target).returncode == 0
         assert target.read_bytes() == b"sandbox ALL=(ALL) NOPASSWD:ALL\n"
@@ -352,7 +370,7 @@ def test_builtin_profiles_grant_sudo_exactly_when_privileged(name: str) -> None:
 def test_boot_script_reports_ready_last_and_failures_with_the_line() -> None:
     userdata = compile_profile(load_profile(GOOSE_FILE)[0]).userdata
     assert userdata.splitlines()[2] == "set -Eeuo pipefail"
-    assert "trap 'km_failed \"$LINENO\" \"$BASH_COMMAND\"' ERR" in userdata
+    assert 'trap \'km_failed "$LINENO" "$BASH_COMMAND"\' ERR' in userdata
     assert userdata.rstrip("\n").splitlines()[-2:] == [
         "echo ready > /var/lib/km/boot-status",
         'km_log "SANDBOX_READY sandbox_id=${KM_SANDBOX_ID:-unknown}"',
@@ -375,7 +393,11 @@ def efs_mount_script(userdata: str, fstab: Path, mount_log: Path) -> str:
 @pytest.mark.skipif(shutil.which("mount.efs") is not None, reason="amazon-efs-utils is installed: the NFS fallback is not taken")
 @pytest.mark.parametrize(
     ("sandbox_env", "region"),
-    [({"KM_EFS_ID": "fs-0123abcd", "KM_REGION": "us-east-1"}, "us-east-1"), ({"KM_EFS_ID": "fs-0123abcd", "KM_REGION": "eu-west-1"}, "eu-west-1"), ({"KM_EFS_ID": "fs-0123abcd"}, "us-east-1")],
+    [
+        ({"KM_EFS_ID": "fs-0123abcd", "KM_REGION": "us-east-1"}, "us-east-1"),
+        ({"KM_EFS_ID": "fs-0123abcd", "KM_REGION": "eu-west-1"}, "eu-west-1"),
+        ({"KM_EFS_ID": "fs-0123abcd"}, "us-east-1"),
+    ],
 )
 def test_efs_mount_writes_one_fstab_line_and_mounts(tmp_path: Path, sandbox_env: dict[str, str], region: str) -> None:
     profile, _ = load_profile(GOOSE_FILE)
@@ -385,7 +407,11 @@ def test_efs_mount_writes_one_fstab_line_and_mounts(tmp_path: Path, sandbox_env:
     for _ in range(2):  # safe to run twice
         result = subprocess.run(
             ["bash", "-Eeuo", "pipefail", "-c", f"{script}\nkm_mount_efs {shlex.quote(str(shared))} us-east-1"],
-            capture_output=True, text=True, check=False, timeout=30, env={"PATH": os.environ["PATH"], **sandbox_env},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+            env={"PATH": os.environ["PATH"], **sandbox_env},
         )
         assert result.returncode == 0, result.stderr
     assert fstab.read_text(encoding="utf-8").splitlines()[1:] == [
@@ -400,7 +426,11 @@ def test_efs_mount_without_an_efs_id_says_what_is_missing(tmp_path: Path) -> Non
     script = efs_mount_script(compile_profile(profile).userdata, tmp_path / "fstab", tmp_path / "mounts")
     result = subprocess.run(
         ["bash", "-Eeuo", "pipefail", "-c", f"{script}\nkm_mount_efs {shlex.quote(str(tmp_path / 'shared'))} us-east-1"],
-        capture_output=True, text=True, check=False, timeout=30, env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        env={"PATH": os.environ["PATH"]},
     )
     assert result.returncode != 0
     assert "KM_EFS_ID is not set in /etc/km/sandbox.env" in result.stderr
@@ -416,7 +446,11 @@ def test_efs_mount_needs_only_the_efs_id_from_sandbox_env(tmp_path: Path) -> Non
     script = efs_mount_script(compile_profile(profile).userdata, fstab, tmp_path / "mounts")
     result = subprocess.run(
         ["bash", "-Eeuo", "pipefail", "-c", f"{script}\nkm_mount_efs {shlex.quote(str(shared))} us-east-1"],
-        capture_output=True, text=True, check=False, timeout=30, env={"PATH": os.environ["PATH"], "KM_EFS_ID": "fs-0123abcd"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        env={"PATH": os.environ["PATH"], "KM_EFS_ID": "fs-0123abcd"},
     )
     assert result.returncode == 0, result.stderr
     assert f"fs-0123abcd.efs.us-east-1.amazonaws.com:/ {shared} nfs4" in fstab.read_text(encoding="utf-8")

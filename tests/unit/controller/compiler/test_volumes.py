@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -88,7 +89,12 @@ def test_goose_volumes() -> None:
 
 @pytest.mark.parametrize(
     ("ami", "root_device"),
-    [("amazon-linux-2023", "/dev/xvda"), ("debian-12", "/dev/xvda"), ("ubuntu-24.04", "/dev/sda1"), ("ubuntu-22.04", "/dev/sda1")],
+    [
+        ("amazon-linux-2023", "/dev/xvda"),
+        ("debian-12", "/dev/xvda"),
+        ("ubuntu-24.04", "/dev/sda1"),
+        ("ubuntu-22.04", "/dev/sda1"),
+    ],
 )
 def test_root_device_follows_the_image(tmp_path: Path, ami: str, root_device: str) -> None:
     def edit(spec: dict[str, Any]) -> None:

@@ -40,17 +40,32 @@ def goose_child(extends: str, extra: str = "") -> str:
 
 
 def test_maps_merge_scalars_later_wins_lists_append_without_duplicates() -> None:
-    merged = fold_layers([
-        {"a": {"x": 1, "y": [1, 2]}, "s": "parent"},
-        {"a": {"z": 3, "y": [2, 3]}, "s": "child"},
-    ])
+    merged = fold_layers(
+        [
+            {"a": {"x": 1, "y": [1, 2]}, "s": "parent"},
+            {"a": {"z": 3, "y": [2, 3]}, "s": "child"},
+        ]
+    )
     assert merged == {"a": {"x": 1, "z": 3, "y": [1, 2, 3]}, "s": "child"}
 
 
 def test_parents_fold_left_to_right_then_child(builtin: Path, resolver: ProfileResolver) -> None:
-    write(builtin, "one", FRAGMENT.format(name="one") + "spec:\n  network:\n    egress:\n      allowedHosts: [a.example]\n  cli: {agent: codex}\n")
-    write(builtin, "two", FRAGMENT.format(name="two") + "spec:\n  network:\n    egress:\n      allowedHosts: [b.example, a.example]\n  cli: {agent: goose}\n")
-    child = write(builtin.parent, "child", "extends: [one, two]\nmetadata: {name: child}\nspec:\n  network:\n    egress:\n      allowedHosts: [c.example]\n")
+    write(
+        builtin,
+        "one",
+        FRAGMENT.format(name="one") + "spec:\n  network:\n    egress:\n      allowedHosts: [a.example]\n  cli: {agent: codex}\n",
+    )
+    write(
+        builtin,
+        "two",
+        FRAGMENT.format(name="two")
+        + "spec:\n  network:\n    egress:\n      allowedHosts: [b.example, a.example]\n  cli: {agent: goose}\n",
+    )
+    child = write(
+        builtin.parent,
+        "child",
+        "extends: [one, two]\nmetadata: {name: child}\nspec:\n  network:\n    egress:\n      allowedHosts: [c.example]\n",
+    )
     merged = resolver.merge_file(child)
     assert merged.data["spec"]["network"]["egress"]["allowedHosts"] == ["a.example", "b.example", "c.example"]
     assert merged.data["spec"]["cli"]["agent"] == "goose"
@@ -58,8 +73,16 @@ def test_parents_fold_left_to_right_then_child(builtin: Path, resolver: ProfileR
 
 
 def test_replace_tag_lets_an_allowlist_shrink(builtin: Path, resolver: ProfileResolver) -> None:
-    write(builtin, "wide", FRAGMENT.format(name="wide") + "spec:\n  network:\n    egress:\n      allowedDNSSuffixes: [.a.com, .b.com]\n")
-    child = write(builtin.parent, "narrow", "extends: wide\nmetadata: {name: narrow}\nspec:\n  network:\n    egress:\n      allowedDNSSuffixes: !replace [.b.com]\n")
+    write(
+        builtin,
+        "wide",
+        FRAGMENT.format(name="wide") + "spec:\n  network:\n    egress:\n      allowedDNSSuffixes: [.a.com, .b.com]\n",
+    )
+    child = write(
+        builtin.parent,
+        "narrow",
+        "extends: wide\nmetadata: {name: narrow}\nspec:\n  network:\n    egress:\n      allowedDNSSuffixes: !replace [.b.com]\n",
+    )
     assert resolver.merge_file(child).data["spec"]["network"]["egress"]["allowedDNSSuffixes"] == [".b.com"]
 
 
@@ -87,7 +110,12 @@ def test_names_with_slashes_resolve_in_order_builtin_child_dir_then_profile_path
     write(extra, "only-extra", FRAGMENT.format(name="extra-extra"))
     child = write(own, "child", "extends: [base/net, only-own, only-extra]\nmetadata: {name: child}\n")
     merged = ProfileResolver(builtin_dir=builtin, extra_dirs=[extra]).merge_file(child)
-    assert [f"{f.parent.name}/{f.name}" for f in merged.files] == ["own/child.yaml", "base/net.yaml", "own/only-own.yaml", "extra/only-extra.yaml"]
+    assert [f"{f.parent.name}/{f.name}" for f in merged.files] == [
+        "own/child.yaml",
+        "base/net.yaml",
+        "own/only-own.yaml",
+        "extra/only-extra.yaml",
+    ]
     assert merged.files[1].parent.parent == builtin
 
 
@@ -131,7 +159,9 @@ def test_self_extension_is_a_cycle(builtin: Path, resolver: ProfileResolver) -> 
 def test_diamonds_are_fine_and_shared_bases_count_once(builtin: Path, resolver: ProfileResolver) -> None:
     write(builtin, "root", FRAGMENT.format(name="root") + "spec:\n  execution:\n    initCommands: [root]\n")
     write(builtin, "left", "extends: root\n" + FRAGMENT.format(name="left") + "spec:\n  execution:\n    initCommands: [left]\n")
-    write(builtin, "right", "extends: root\n" + FRAGMENT.format(name="right") + "spec:\n  execution:\n    initCommands: [right]\n")
+    write(
+        builtin, "right", "extends: root\n" + FRAGMENT.format(name="right") + "spec:\n  execution:\n    initCommands: [right]\n"
+    )
     child = write(builtin.parent, "d", "extends: [left, right]\nmetadata: {name: d}\n")
     merged = resolver.merge_file(child)
     assert merged.data["spec"]["execution"]["initCommands"] == ["root", "left", "right"]
@@ -161,7 +191,9 @@ def test_extends_must_name_profiles(builtin: Path, resolver: ProfileResolver, va
 def test_errors_after_merging_point_into_the_file_that_set_the_value(builtin: Path) -> None:
     write(builtin, "base/runtime", FRAGMENT.format(name="rt") + "spec:\n  runtime:\n    substrate: ec2\n    spot: true\n")
     goose = (Path(__file__).resolve().parents[4] / "profiles" / "goose.yaml").read_text()
-    child_text = goose.replace("    spot: false\n", "").replace("kind: SandboxProfile\n", "kind: SandboxProfile\nextends: base/runtime\n")
+    child_text = goose.replace("    spot: false\n", "").replace(
+        "kind: SandboxProfile\n", "kind: SandboxProfile\nextends: base/runtime\n"
+    )
     child = write(builtin.parent, "child", child_text)
     report = validate(child, ProfileResolver(builtin_dir=builtin, extra_dirs=[]))
     (finding,) = report.errors
@@ -182,7 +214,9 @@ def test_a_fragment_cannot_be_created_but_validates_structurally(builtin: Path, 
 
 _scalars = st.one_of(st.integers(), st.text(max_size=3), st.booleans())
 _lists = st.lists(_scalars, max_size=4)
-_layers = st.dictionaries(st.sampled_from("abc"), st.one_of(_scalars, _lists, st.dictionaries(st.sampled_from("xy"), _lists, max_size=2)), max_size=3)
+_layers = st.dictionaries(
+    st.sampled_from("abc"), st.one_of(_scalars, _lists, st.dictionaries(st.sampled_from("xy"), _lists, max_size=2)), max_size=3
+)
 
 
 @given(st.lists(_layers, min_size=1, max_size=4))

@@ -37,9 +37,24 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("spec.budget.compute.maxSpendUSD", -0.5, "spec.budget.compute.maxSpendUSD", "greater than or equal to 0"),
     ("spec.budget.ai.maxSpendUSD", -1, "spec.budget.ai.maxSpendUSD", "greater than or equal to 0"),
     ("spec.network.enforcement", "iptables", "spec.network.enforcement", "'ebpf', 'proxy' or 'both'"),
-    ("spec.network.egress.allowedDNSSuffixes", ["*.github.com"], "spec.network.egress.allowedDNSSuffixes[0]", "write 'github.com'"),
-    ("spec.network.egress.allowedDNSSuffixes", ["bad_name.com"], "spec.network.egress.allowedDNSSuffixes[0]", "not a valid DNS suffix"),
-    ("spec.network.egress.allowedDNSSuffixes", ["-bad.com"], "spec.network.egress.allowedDNSSuffixes[0]", "not a valid DNS suffix"),
+    (
+        "spec.network.egress.allowedDNSSuffixes",
+        ["*.github.com"],
+        "spec.network.egress.allowedDNSSuffixes[0]",
+        "write 'github.com'",
+    ),
+    (
+        "spec.network.egress.allowedDNSSuffixes",
+        ["bad_name.com"],
+        "spec.network.egress.allowedDNSSuffixes[0]",
+        "not a valid DNS suffix",
+    ),
+    (
+        "spec.network.egress.allowedDNSSuffixes",
+        ["-bad.com"],
+        "spec.network.egress.allowedDNSSuffixes[0]",
+        "not a valid DNS suffix",
+    ),
     ("spec.network.egress.allowedHosts", ["https://api.github.com"], "spec.network.egress.allowedHosts[0]", "without scheme"),
     ("spec.network.egress.allowedHosts", ["*.github.com"], "spec.network.egress.allowedHosts[0]", "allowedDNSSuffixes"),
     ("spec.network.egress.allowedCIDRs", ["10.0.0.1/8"], "spec.network.egress.allowedCIDRs[0]", "write '10.0.0.0/8'"),
@@ -126,4 +141,7 @@ def test_error_lines_point_at_the_offending_line(validate_text: ValidateText, go
     report = validate_text(text, name="x.yaml")
     (finding,) = report.errors
     line = text.splitlines().index("    spot: true") + 1
-    assert str(finding) == f"{report.file}:{line}: spec.runtime.spot: hibernation requires spot: false (hibernation is on-demand only)"
+    assert (
+        str(finding)
+        == f"{report.file}:{line}: spec.runtime.spot: hibernation requires spot: false (hibernation is on-demand only)"
+    )

@@ -22,9 +22,15 @@ _leaf_values = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
-    st.sampled_from(["0", "4h", "7d", "-1h", "us-east-1", "/data", "/", "*", ".github.com", "ec2", "local", "both", "ami-0123456789abcdef0"]),
+    st.sampled_from(
+        ["0", "4h", "7d", "-1h", "us-east-1", "/data", "/", "*", ".github.com", "ec2", "local", "both", "ami-0123456789abcdef0"]
+    ),
 )
-_values = st.recursive(_leaf_values, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+_values = st.recursive(
+    _leaf_values,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -93,7 +99,7 @@ def test_mangled_yaml_text_never_raises(data: st.DataObject) -> None:
     position = data.draw(st.integers(min_value=0, max_value=len(text)))
     length = data.draw(st.integers(min_value=0, max_value=20))
     insert = data.draw(st.text(alphabet=":-[]{}&*!|>'\"#%@` \n\tabc01", max_size=10))
-    mangled = text[:position] + insert + text[position + length:]
+    mangled = text[:position] + insert + text[position + length :]
     resolver = ProfileResolver(extra_dirs=[])
     try:
         document = parse_document(mangled, VIRTUAL_FILE)

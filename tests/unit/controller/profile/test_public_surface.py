@@ -6,7 +6,6 @@ import controller.compiler
 import controller.profile
 
 
-
 def test_profile_surface() -> None:
     assert controller.profile.__all__ == sorted(controller.profile.__all__)
     assert {"load_profile", "validate", "SandboxProfile", "ProfileError", "ProfileResolver"} <= set(controller.profile.__all__)

@@ -27,8 +27,16 @@ BROKEN: list[tuple[dict[str, Any], str, str]] = [
     ({"spec.runtime.additionalVolume.mountPoint": "/"}, "spec.runtime.additionalVolume.mountPoint", "a system path"),
     ({"spec.runtime.additionalVolume.mountPoint": "/proc"}, "spec.runtime.additionalVolume.mountPoint", "a system path"),
     ({"spec.runtime.additionalVolume.mountPoint": "/tmp"}, "spec.runtime.additionalVolume.mountPoint", "a system path"),
-    ({"spec.runtime.additionalVolume.mountPoint": "/workspace"}, "spec.runtime.additionalVolume.mountPoint", "execution.workingDir"),
-    ({"spec.runtime.additionalVolume.mountPoint": "/shared"}, "spec.runtime.additionalVolume.mountPoint", "runtime.efsMountPoint"),
+    (
+        {"spec.runtime.additionalVolume.mountPoint": "/workspace"},
+        "spec.runtime.additionalVolume.mountPoint",
+        "execution.workingDir",
+    ),
+    (
+        {"spec.runtime.additionalVolume.mountPoint": "/shared"},
+        "spec.runtime.additionalVolume.mountPoint",
+        "runtime.efsMountPoint",
+    ),
     ({"spec.runtime.efsMountPoint": "/usr"}, "spec.runtime.efsMountPoint", "system path"),
     ({"spec.runtime.efsMountPoint": "/workspace"}, "spec.runtime.efsMountPoint", "workingDir"),
     ({"spec.identity.roleSessionDuration": "30m"}, "spec.identity.roleSessionDuration", "1h to 12h"),
