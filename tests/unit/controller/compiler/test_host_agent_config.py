@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from controller.compiler import compile_profile
 from controller.compiler.host_agent_config import host_agent_config
-from controller.profile import BUILTIN_PROFILES_DIR, SandboxProfile, format_duration, load_profile, validate_document
+from controller.profile import BUILTIN_PROFILES_DIR, format_duration, load_profile
 from controller.profile.catalog import builtin_profiles
-from controller.profile.source import parse_document
 from host_agent.config import HostAgentConfig
+from tests.helpers import goose_variant
 
 GOOSE_FILE = BUILTIN_PROFILES_DIR / "goose.yaml"
 CREATABLE = [entry.name for entry in builtin_profiles() if not entry.abstract]
 BEDROCK_KEYS = {"CLAUDE_CODE_USE_BEDROCK", "AWS_REGION", "AWS_DEFAULT_REGION"}
-
-
-def goose_variant(tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> SandboxProfile:
-    """The reference profile with one edit to its `spec`, validated like a file on disk."""
-    data = yaml.safe_load(GOOSE_FILE.read_text(encoding="utf-8"))
-    if edit is not None:
-        edit(data["spec"])
-    report = validate_document(parse_document(yaml.safe_dump(data, sort_keys=False), tmp_path / "goose.yaml"))
-    assert report.valid, [str(finding) for finding in report.errors]
-    assert report.profile is not None
-    return report.profile
 
 
 @pytest.mark.parametrize(

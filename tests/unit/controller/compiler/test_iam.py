@@ -10,28 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from controller.compiler import compile_profile, render_iam_policy
 from controller.compiler.iam import iam_policy
-from controller.profile import BUILTIN_PROFILES_DIR, SandboxProfile, validate_document
-from controller.profile.source import parse_document
+from controller.profile import BUILTIN_PROFILES_DIR
+from tests.helpers import goose_variant
 
 GOOSE_FILE = BUILTIN_PROFILES_DIR / "goose.yaml"
 SANDBOX_ID = "${km:SandboxId}"
 BUCKET = "${km:ArtifactsBucket}"
 S3_WRITE_ACTIONS = ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:*", "*")
-
-
-def goose_variant(tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> SandboxProfile:
-    """The reference profile with one edit to its `spec`, validated like a file on disk."""
-    data = yaml.safe_load(GOOSE_FILE.read_text(encoding="utf-8"))
-    if edit is not None:
-        edit(data["spec"])
-    report = validate_document(parse_document(yaml.safe_dump(data, sort_keys=False), tmp_path / "goose.yaml"))
-    assert report.valid, [str(finding) for finding in report.errors]
-    assert report.profile is not None
-    return report.profile
 
 
 def statements(policy: dict[str, Any]) -> list[dict[str, Any]]:

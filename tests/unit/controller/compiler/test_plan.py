@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from controller.compiler import PLAN_FILES, compile_profile, compile_reference, write_plan
-from controller.profile import BUILTIN_PROFILES_DIR, ProfileError, SandboxProfile, load_profile, validate_document
+from controller.profile import BUILTIN_PROFILES_DIR, ProfileError, load_profile
 from controller.profile.catalog import builtin_profiles
-from controller.profile.source import parse_document
+from tests.helpers import goose_variant
 
 GOOSE_FILE = BUILTIN_PROFILES_DIR / "goose.yaml"
 GOLDEN_DIR = Path(__file__).parent / "golden" / "goose"
@@ -32,14 +32,6 @@ def goose_document(edit: Callable[[dict[str, Any]], None] | None = None) -> dict
     if edit is not None:
         edit(data["spec"])
     return data
-
-
-def goose_variant(tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> SandboxProfile:
-    """The reference profile with one edit to its `spec`, validated like a file on disk."""
-    report = validate_document(parse_document(yaml.safe_dump(goose_document(edit), sort_keys=False), tmp_path / "goose.yaml"))
-    assert report.valid, [str(finding) for finding in report.errors]
-    assert report.profile is not None
-    return report.profile
 
 
 def test_goose_matches_the_golden_files() -> None:

@@ -12,18 +12,16 @@ import shlex
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from controller.compiler import compile_profile
 from controller.compiler.userdata import PROFILE_ENV_PATH, profile_env_script
-from controller.profile import BUILTIN_PROFILES_DIR, SandboxProfile, load_profile, validate_document
+from controller.profile import BUILTIN_PROFILES_DIR, SandboxProfile, load_profile
 from controller.profile.catalog import builtin_profiles
-from controller.profile.source import parse_document
+from tests.helpers import goose_variant
 
 GOOSE_FILE = BUILTIN_PROFILES_DIR / "goose.yaml"
 CREATABLE = [entry.name for entry in builtin_profiles() if not entry.abstract]
@@ -44,17 +42,6 @@ TRICKY_VALUES = {
     "BANG": "!! !$ history",
     "PERCENT": "%s %d %%",
 }
-
-
-def goose_variant(tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> SandboxProfile:
-    """The reference profile with one edit to its `spec`, validated like a file on disk."""
-    data = yaml.safe_load(GOOSE_FILE.read_text(encoding="utf-8"))
-    if edit is not None:
-        edit(data["spec"])
-    report = validate_document(parse_document(yaml.safe_dump(data, sort_keys=False), tmp_path / "goose.yaml"))
-    assert report.valid, [str(finding) for finding in report.errors]
-    assert report.profile is not None
-    return report.profile
 
 
 def write_file_function(userdata: str) -> str:

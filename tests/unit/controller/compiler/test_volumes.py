@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from controller.compiler import choose_additional_device, compile_profile
 from controller.compiler.volumes import plan_volumes
-from controller.profile import BUILTIN_PROFILES_DIR, ProfileError, SandboxProfile, load_profile, validate_document
-from controller.profile.source import parse_document
+from controller.profile import BUILTIN_PROFILES_DIR, ProfileError, load_profile
+from tests.helpers import goose_variant
 
 GOOSE_FILE = BUILTIN_PROFILES_DIR / "goose.yaml"
 ALL_CANDIDATES = [f"/dev/sd{letter}" for letter in "fghijklmnop"]
-
-
-def goose_variant(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> SandboxProfile:
-    """The reference profile with one edit to its `spec`, validated like a file on disk."""
-    data = yaml.safe_load(GOOSE_FILE.read_text(encoding="utf-8"))
-    edit(data["spec"])
-    report = validate_document(parse_document(yaml.safe_dump(data, sort_keys=False), tmp_path / "goose.yaml"))
-    assert report.valid, [str(finding) for finding in report.errors]
-    assert report.profile is not None
-    return report.profile
 
 
 @pytest.mark.parametrize(
