@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from controller.compiler import PLAN_FILES, compile_profile, compile_reference, write_plan
 from controller.profile import BUILTIN_PROFILES_DIR, ProfileError, load_profile
@@ -25,13 +24,6 @@ GOLDEN_DIR = Path(__file__).parent / "golden" / "goose"
 ABSTRACT = [entry.name for entry in builtin_profiles() if entry.abstract]
 CREATABLE = [entry.name for entry in builtin_profiles() if not entry.abstract]
 PLAN_KEYS = ["profile", "sandbox", "securityGroup", "iamPolicy", "volumes", "hostAgent", "hash", "hashes"]
-
-
-def goose_document(edit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(GOOSE_FILE.read_text(encoding="utf-8"))
-    if edit is not None:
-        edit(data["spec"])
-    return data
 
 
 def test_goose_matches_the_golden_files() -> None:
