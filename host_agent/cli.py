@@ -1,4 +1,4 @@
-"""`km-host-agent`: the sandbox daemon's entry point (for now it reports its version and config)."""
+"""`km-host-agent`: the sandbox daemon's entry point: `daemon`, `check-config`, `--version`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("check-config", help="validate host-agent.json and exit")
     check.add_argument("--config", type=Path, default=CONFIG_PATH)
+    daemon = commands.add_parser("daemon", help="run the daemon (under systemd, Type=notify)")
+    daemon.add_argument("--config", type=Path, default=CONFIG_PATH)
     args = parser.parse_args(argv)
+    if args.command == "daemon":
+        from host_agent.daemon import run_daemon
+
+        return run_daemon(args.config)
     if args.command == "check-config":
         try:
             config = load_config(args.config)

@@ -14,6 +14,11 @@ APT_PACKAGES=(
     bpfcc-tools     # BCC tools (execsnoop, opensnoop, ...) for debugging
     bpftool         # inspect loaded BPF programs and maps
     shellcheck      # the tests lint every compiled userdata.sh with it
+    debootstrap     # bakes local images
+    systemd-container  # systemd-nspawn: the local substrate's machines
+    nftables        # NAT for local sandboxes' network namespaces
+    iproute2        # network namespaces and veth pairs
+    tmux            # agent runs are supervised in tmux sessions
 )
 if command -v dpkg >/dev/null 2>&1; then
     # Kernel headers BCC compiles against: Debian's per-architecture meta package, Ubuntu's generic one.

@@ -25,6 +25,8 @@ from host_agent.config import HostAgentConfig
 
 DEFAULT_AMI_BY_SUBSTRATE = {"ec2": "amazon-linux-2023", "local": "debian-12"}
 PLAN_FILES = ("plan.json", "userdata.sh", "iam-policy.json", "host-agent.json")
+# Execution fields a running sandbox takes without a rebuild (the host agent rewrites them).
+LIVE_EXECUTION_FIELDS = ("env", "configFiles")
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,14 @@ def compile_profile(profile: SandboxProfile, ami_block_device_names: Iterable[st
         "volumes": [volume.as_json() for volume in volumes],
         "hostAgent": config.model_dump(mode="json"),
     }
-    # What a running sandbox can take live (policy: host-agent.json) versus what needs a new one
-    # (runtime: the machine's shape and everything its first boot did).
+    # What a running sandbox can take live (policy: host-agent.json, the environment file, configFiles)
+    # versus what needs a new one (runtime: the machine's shape and what its first boot did).
     spec = body["profile"]["spec"]
+    first_boot = {key: value for key, value in spec["execution"].items() if key not in LIVE_EXECUTION_FIELDS}
     runtime_part = {key: body[key] for key in ("sandbox", "securityGroup", "iamPolicy", "volumes")}
-    runtime_part |= {"runtime": spec["runtime"], "execution": spec["execution"]}
-    hashes = {"runtime": content_hash(runtime_part), "policy": content_hash(body["hostAgent"])}
+    runtime_part |= {"runtime": spec["runtime"], "execution": first_boot}
+    live_part = {"hostAgent": body["hostAgent"], "configFiles": spec["execution"].get("configFiles", {})}
+    hashes = {"runtime": content_hash(runtime_part), "policy": content_hash(live_part)}
     plan = {**body, "hash": content_hash({**body, "userdata": userdata}), "hashes": hashes}
     return CompiledPlan(profile.metadata.name, plan, userdata, policy, config)
 

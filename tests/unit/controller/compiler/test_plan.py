@@ -115,8 +115,9 @@ def _set(*path_and_value: Any) -> Callable[[dict[str, Any]], None]:
         (_set("runtime", "rootVolumeSize", 30), True, False),
         (_set("runtime", "additionalVolume", "size", 40), True, False),
         (_set("execution", "initCommands", ["dnf install -y git"]), True, False),
-        # Both: the environment is set at boot and handed to every agent run.
-        (_set("execution", "env", {"GOOSE_PROVIDER": "anthropic"}), True, True),
+        # Live too: the host agent rewrites the environment file and the config files.
+        (_set("execution", "env", {"GOOSE_PROVIDER": "anthropic"}), False, True),
+        (_set("execution", "configFiles", {"/home/sandbox/x.txt": "x\n"}), False, True),
     ],
     ids=[
         "compute-budget",
@@ -129,6 +130,7 @@ def _set(*path_and_value: Any) -> Callable[[dict[str, Any]], None]:
         "data-volume",
         "init-commands",
         "env",
+        "config-files",
     ],
 )
 def test_hashes_separate_runtime_from_policy(

@@ -192,6 +192,7 @@ KM_EOF
 km_write_file /etc/systemd/system/km-host-agent.service 0644 root:root <<'KM_EOF'
 [Unit]
 Description=km host agent: enforces the sandbox profile (egress gate, capture, agent runs)
+ConditionPathExists=/etc/km/host-agent.json
 After=network-online.target
 Wants=network-online.target
 
@@ -203,6 +204,9 @@ ExecReload=/bin/kill -HUP $MAINPID
 WatchdogSec=30s
 Restart=on-failure
 RestartSec=2s
+# Only what the daemon uses: BPF programs and maps, uprobes, network policy, sandbox processes and
+# their files. Without CAP_SYS_ADMIN it cannot open the host's BPF objects by id (measured).
+CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
 
 [Install]
 WantedBy=multi-user.target

@@ -1,0 +1,1 @@
+"""Images: recipes in amis/, the local image store, and baking."""

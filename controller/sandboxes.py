@@ -1,0 +1,126 @@
+"""Sandbox operations, the functions behind both doors: `km create goose` and `doit create:goose`.
+
+Each takes plain arguments, does one thing through the substrate and the state store, and raises a
+typed error the CLI turns into one line. The substrate is chosen by `--substrate`, else
+`KM_SUBSTRATE`, else the profile's own `runtime.substrate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from controller.compiler import compile_profile, write_plan
+from controller.compiler.build import BUILD_DIR
+from controller.converge import Convergence, Observed, plan_convergence
+from controller.profile import ProfileResolver, load_profile, parse_duration
+from controller.state import SandboxRecord, SQLiteStateStore, StateStore, default_state_path
+from controller.substrates.local.substrate import LocalSubstrate, PlanInput, SubstrateError
+
+Progress = Callable[[str], None]
+SUBSTRATE_ENV = "KM_SUBSTRATE"
+SUBSTRATES = ("local", "ec2")
+PRIVILEGED_WARNING = (
+    "WARNING: execution.privileged: true on the local substrate gives the sandbox user root in a machine "
+    "whose root is close to host root (no user namespace here)"
+)
+
+
+@dataclass(frozen=True)
+class ConvergeResult:
+    alias: str
+    convergence: Convergence
+    record: SandboxRecord | None
+    dry_run: bool
+
+
+def state_store() -> StateStore:
+    return SQLiteStateStore(default_state_path())
+
+
+def choose_substrate(requested: str | None, profile_substrate: str) -> str:
+    chosen = requested or os.environ.get(SUBSTRATE_ENV) or profile_substrate
+    if chosen not in SUBSTRATES:
+        raise SubstrateError(f"unknown substrate {chosen!r} (from --substrate or {SUBSTRATE_ENV}); use local or ec2")
+    return chosen
+
+
+def substrate_for(name: str, store: StateStore) -> LocalSubstrate:
+    if name == "ec2":
+        raise SubstrateError("the ec2 substrate is not available in this version; use --substrate local (or KM_SUBSTRATE=local)")
+    return LocalSubstrate(store)
+
+
+def converge(
+    reference: str,
+    *,
+    alias: str | None = None,
+    substrate: str | None = None,
+    dry_run: bool = False,
+    store: StateStore | None = None,
+    progress: Progress = lambda _: None,
+) -> ConvergeResult:
+    """Make the sandbox named by `alias` (default: the profile's name) match the profile's compiled plan."""
+    store = store or state_store()
+    profile, merged = load_profile(reference, ProfileResolver())
+    compiled = compile_profile(profile)
+    chosen = choose_substrate(substrate, profile.spec.runtime.substrate)
+    plan = json.loads(json.dumps(compiled.plan))
+    plan["sandbox"]["substrate"] = chosen
+    plan["profile"]["spec"]["runtime"]["substrate"] = chosen
+    alias = alias or profile.metadata.name
+    local = substrate_for(chosen, store)
+    record = store.find_by_alias(alias)
+    observed = Observed(record, local.observe(record) if record else None, local.applied_plan(record) if record else None)
+    convergence = plan_convergence(plan, observed)
+    if dry_run or convergence.action == "none":
+        return ConvergeResult(alias, convergence, record, dry_run)
+    write_plan(compiled, BUILD_DIR / compiled.name)
+    plan_input = PlanInput(plan, compiled.userdata)
+    if execution_privileged(plan):
+        progress(PRIVILEGED_WARNING)
+    if convergence.action == "update" and record is not None:
+        return ConvergeResult(alias, convergence, local.apply_policy(record, plan_input), dry_run)
+    if convergence.action == "replace" and record is not None:
+        progress(convergence.describe(alias))
+        local.destroy(record, force=True)
+    created = local.create(plan_input, alias, str(merged.file), progress)
+    return ConvergeResult(alias, convergence, created, dry_run)
+
+
+def execution_privileged(plan: dict[str, Any]) -> bool:
+    return bool(plan["profile"]["spec"]["execution"].get("privileged"))
+
+
+def resolve(ref: str, store: StateStore | None = None) -> tuple[SandboxRecord, LocalSubstrate]:
+    store = store or state_store()
+    record = store.resolve(ref)
+    return record, substrate_for(record.substrate, store)
+
+
+def list_sandboxes(store: StateStore | None = None) -> list[tuple[SandboxRecord, str]]:
+    """Every sandbox with its live status."""
+    store = store or state_store()
+    local = LocalSubstrate(store)
+    return [(record, local.observe(record) if record.substrate == "local" else record.status) for record in store.list()]
+
+
+def extend(ref: str, duration: str, store: StateStore | None = None) -> SandboxRecord:
+    record, substrate = resolve(ref, store)
+    seconds = parse_duration(duration)
+    base = max(record.ttl_expiry or datetime.now(UTC), datetime.now(UTC))
+    return substrate.store.update(record.sandbox_id, ttl_expiry=base + timedelta(seconds=seconds))
+
+
+def set_locked(ref: str, locked: bool, store: StateStore | None = None) -> SandboxRecord:
+    record, substrate = resolve(ref, store)
+    return substrate.store.update(record.sandbox_id, locked=locked)
+
+
+def plan_directory(name: str) -> Path:
+    return BUILD_DIR / name

@@ -1,0 +1,1 @@
+"""The local substrate: nspawn machines from baked images, each in its own network namespace."""

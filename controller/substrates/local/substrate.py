@@ -1,0 +1,390 @@
+"""The local substrate: sandboxes as nspawn machines on this host, recorded in the local state store.
+
+Create claims the alias in the state store first (so two operators cannot both create it), then
+builds network, disk and machine; any failure tears down everything it made and says why. The
+compiled `userdata.sh` runs at first boot exactly as on EC2, and its outcome is read back from the
+machine's `/var/lib/km/boot-status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from controller.compiler.userdata import PROFILE_ENV_PATH, profile_env_script
+from controller.images.bake import bake
+from controller.images.recipe import recipe_names
+from controller.images.store import ImageStore
+from controller.state import SandboxRecord, StateStore, new_sandbox_id
+from controller.substrates.local import machine
+from controller.substrates.local.machine import MachineError, MachineSpec
+from controller.substrates.local.network import MAX_SLOTS, SandboxNetwork
+
+Progress = Callable[[str], None]
+SANDBOX_DIR_ENV = "KM_SANDBOX_DIR"
+DEFAULT_SANDBOX_DIR = Path("/var/lib/km/sandboxes")
+BOOT_TIMEOUT_SECONDS = 120
+INIT_COMMANDS_TIMEOUT_SECONDS = 1800
+
+
+class SubstrateError(Exception):
+    """A sandbox operation failed; the message names the sandbox, the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """What create needs from a compiled plan (build/<name>/)."""
+
+    plan: dict[str, Any]
+    userdata: str
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> PlanInput:
+        return cls(json.loads((directory / "plan.json").read_text()), (directory / "userdata.sh").read_text())
+
+
+def sandbox_root() -> Path:
+    return Path(os.environ.get(SANDBOX_DIR_ENV) or DEFAULT_SANDBOX_DIR)
+
+
+class LocalSubstrate:
+    def __init__(self, store: StateStore, images: ImageStore | None = None, root: Path | None = None) -> None:
+        self.store = store
+        self.images = images or ImageStore()
+        self.root = root or sandbox_root()
+
+    # ---- create -------------------------------------------------------------------------------
+    def create(
+        self, compiled: PlanInput, alias: str, profile_file: str | None = None, progress: Progress = lambda _: None
+    ) -> SandboxRecord:
+        _require_root()
+        machine.require_cgroup2()
+        plan = compiled.plan
+        image = self._image_for(plan["sandbox"]["ami"], progress)
+        sandbox_id = new_sandbox_id(plan["sandbox"]["prefix"])
+        lifecycle = plan["hostAgent"]["lifecycle"]
+        now = datetime.now(UTC)
+        record = self.store.insert(
+            SandboxRecord(
+                sandbox_id=sandbox_id,
+                alias=alias,
+                profile=plan["profile"]["metadata"]["name"],
+                profile_file=profile_file,
+                substrate="local",
+                region=plan["sandbox"]["region"],
+                status="starting",
+                plan_hash=plan["hash"],
+                runtime_hash=plan["hashes"]["runtime"],
+                policy_hash=plan["hashes"]["policy"],
+                created_at=now,
+                updated_at=now,
+                ttl_expiry=now + timedelta(seconds=lifecycle["ttl_seconds"]) if lifecycle["ttl_seconds"] else None,
+                idle_timeout_seconds=lifecycle["idle_timeout_seconds"],
+                teardown_policy=lifecycle["teardown_policy"],
+                resources={"image": image.name, "volumes": _volume_list(plan), "creator_pid": str(os.getpid())},
+            )
+        )
+        # The list number is unique among live sandboxes and assigned under the store's lock: use it as
+        # the network slot, so concurrent creates can never pick the same addresses.
+        record = self.store.update(sandbox_id, resources={**record.resources, "slot": str(self._slot_for(record))})
+        progress(f"{sandbox_id}: created record for alias {alias}")
+        try:
+            return self._build(record, compiled, image.rootfs, progress)
+        except BaseException as error:
+            progress(f"{sandbox_id}: create failed, removing what was made")
+            self._teardown(self.store.get(sandbox_id), keep_log=True)
+            self.store.delete(sandbox_id)
+            if isinstance(error, (SubstrateError, MachineError)):
+                raise SubstrateError(f"create {alias} ({sandbox_id}) failed: {error}") from None
+            raise
+
+    def _build(self, record: SandboxRecord, compiled: PlanInput, image_rootfs: Path, progress: Progress) -> SandboxRecord:
+        plan = compiled.plan
+        spec = self.machine_spec(record, image_rootfs)
+        spec.directory.mkdir(parents=True, exist_ok=True)
+        spec.network.create()
+        machine.mount_rootfs(spec)
+        self._write_first_boot_files(spec, record, compiled)
+        has_init = bool(plan["profile"]["spec"]["execution"].get("initCommands"))
+        timeout = INIT_COMMANDS_TIMEOUT_SECONDS if has_init else BOOT_TIMEOUT_SECONDS
+        progress(f"{record.sandbox_id}: booting" + (" (first boot runs the profile's initCommands)" if has_init else ""))
+        nspawn_pid, leader_pid = machine.boot(spec, timeout, progress)
+        record = self.store.update(
+            record.sandbox_id,
+            resources={**record.resources, "nspawn_pid": str(nspawn_pid), "leader_pid": str(leader_pid),
+                       "address": spec.network.sandbox_address, "directory": str(spec.directory)},
+        )  # fmt: skip
+        self._check_first_boot(spec)
+        self._save_applied_plan(spec, plan)
+        return self.store.update(record.sandbox_id, status="running")
+
+    def applied_plan(self, record: SandboxRecord) -> dict[str, Any] | None:
+        """The plan this sandbox was last converged to (to say which fields a new plan changes)."""
+        path = self.root / record.sandbox_id / "applied-plan.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _save_applied_plan(self, spec: MachineSpec, plan: dict[str, Any]) -> None:
+        (spec.directory / "applied-plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+
+    def apply_policy(self, record: SandboxRecord, compiled: PlanInput) -> SandboxRecord:
+        """Live policy change: rewrite host-agent.json, the environment and config files, reload the daemon."""
+        _require_root()
+        plan = compiled.plan
+        spec = self.machine_spec(record)
+        if self.observe(record) != "running":
+            raise SubstrateError(
+                f"{record.alias} ({record.sandbox_id}) is {self.observe(record)}; resume it before changing its policy"
+            )
+        config = plan["hostAgent"]
+        files: dict[str, tuple[str, str | None]] = {
+            "etc/km/host-agent.json": (json.dumps(config, indent=2, sort_keys=True) + "\n", None),
+            PROFILE_ENV_PATH.lstrip("/"): (
+                profile_env_script({**config["execution"]["bedrock_env"], **config["execution"]["env"]}),
+                None,
+            ),
+        }
+        for path, content in plan["profile"]["spec"]["execution"].get("configFiles", {}).items():
+            files[path.lstrip("/")] = (content, "sandbox")
+        for relative, (content, owner) in files.items():
+            _write_inside(spec.rootfs, relative, content, owner)
+        result = machine.run_inside(
+            _int_required(record, "leader_pid"), ["systemctl", "reload", "km-host-agent.service"], user=None, in_agent_slice=False
+        )
+        if result.returncode != 0:
+            raise SubstrateError(
+                f"{record.alias}: the host agent did not reload: {result.stderr.strip() or result.stdout.strip()}"
+            )
+        self._save_applied_plan(spec, plan)
+        lifecycle = config["lifecycle"]
+        ttl = lifecycle["ttl_seconds"]
+        return self.store.update(
+            record.sandbox_id,
+            plan_hash=plan["hash"],
+            policy_hash=plan["hashes"]["policy"],
+            ttl_expiry=record.created_at + timedelta(seconds=ttl) if ttl else None,
+            idle_timeout_seconds=lifecycle["idle_timeout_seconds"],
+            teardown_policy=lifecycle["teardown_policy"],
+        )
+
+    def machine_spec(self, record: SandboxRecord, image_rootfs: Path | None = None) -> MachineSpec:
+        directory = self.root / record.sandbox_id
+        if image_rootfs is None:
+            image = self.images.find(record.resources["image"])
+            if image is None:
+                raise SubstrateError(
+                    f"{record.sandbox_id}: its image {record.resources['image']} is gone from {self.images.root}"
+                )
+            image_rootfs = image.rootfs
+        return MachineSpec(
+            sandbox_id=record.sandbox_id,
+            hostname=record.alias,
+            image_rootfs=image_rootfs,
+            directory=directory,
+            network=SandboxNetwork(record.sandbox_id, int(record.resources["slot"])),
+            binds=tuple(self._binds(record)),
+        )
+
+    def _binds(self, record: SandboxRecord) -> list[tuple[Path, str]]:
+        """Volumes become host directories: the additional volume per sandbox, EFS shared by all."""
+        binds = []
+        volumes = record.resources.get("volumes", "")
+        for entry in filter(None, volumes.split(",")):
+            kind, mount_point = entry.split(":", 1)
+            host = (
+                self.root / record.sandbox_id / "volumes" / mount_point.strip("/").replace("/", "_")
+                if kind == "ebs"
+                else self.root.parent / "efs" / "default"
+            )
+            host.mkdir(parents=True, exist_ok=True)
+            binds.append((host, mount_point))
+        return binds
+
+    def _write_first_boot_files(self, spec: MachineSpec, record: SandboxRecord, compiled: PlanInput) -> None:
+        etc_km = spec.rootfs / "etc/km"
+        etc_km.mkdir(parents=True, exist_ok=True)
+        (etc_km / "userdata.sh").write_text(compiled.userdata)
+        (etc_km / "userdata.sh").chmod(0o700)
+        identity = {
+            "KM_SANDBOX_ID": record.sandbox_id,
+            "KM_ALIAS": record.alias,
+            "KM_REGION": record.region,
+            "KM_RESOURCE_PREFIX": "km",
+            "KM_EFS_ID": "local",
+        }
+        (etc_km / "sandbox.env").write_text("".join(f"{key}={value}\n" for key, value in identity.items()))
+        (spec.rootfs / "etc/hostname").write_text(f"{spec.hostname}\n")
+        hosts = spec.rootfs / "etc/hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n127.0.1.1 {spec.hostname}\n::1 localhost ip6-localhost ip6-loopback\n")
+
+    def _check_first_boot(self, spec: MachineSpec) -> None:
+        status_file = spec.rootfs / "var/lib/km/boot-status"
+        status = status_file.read_text().strip() if status_file.exists() else "missing"
+        if status != "ready":
+            log = spec.rootfs / "var/log/km-userdata.log"
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else "(no userdata log)"
+            raise SubstrateError(f"first boot did not complete ({status}); the end of its log:\n{tail}")
+
+    def _image_for(self, ami: str, progress: Progress) -> Any:
+        if ami not in recipe_names():
+            raise SubstrateError(
+                f"no local image for runtime.ami {ami!r}: local images are {', '.join(recipe_names())}; "
+                "set runtime.ami to one of them or add a recipe in amis/"
+            )
+        found = bake(ami, self.images, progress=lambda message: progress(f"{message} (first time only)"))[0]
+        return found
+
+    def _slot_for(self, record: SandboxRecord) -> int:
+        if record.number is None or not 1 <= record.number <= MAX_SLOTS:
+            raise SubstrateError(f"no network slot for list number {record.number}: at most {MAX_SLOTS} local sandboxes")
+        return record.number
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def destroy(self, record: SandboxRecord, force: bool = False) -> None:
+        """Remove everything: machine, network, NAT rule, disk, volumes, state row. Locked sandboxes refuse."""
+        _require_root()
+        if record.locked and not force:
+            raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is locked; `km unlock {record.alias}` first")
+        self._teardown(record, keep_log=False)
+        self.store.delete(record.sandbox_id)
+
+    def stop(self, record: SandboxRecord) -> SandboxRecord:
+        """Power the machine off and keep its disk (the EC2 stop analog)."""
+        _require_root()
+        if record.locked:
+            raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is locked; `km unlock {record.alias}` first")
+        machine.stop(_int(record.resources.get("nspawn_pid")), _int(record.resources.get("leader_pid")), record.sandbox_id)
+        machine.unmount_rootfs(self.machine_spec(record))
+        return self.store.update(record.sandbox_id, status="stopped")
+
+    def pause(self, record: SandboxRecord) -> SandboxRecord:
+        """Freeze the machine's cgroup: memory kept, nothing runs (the local analog of hibernation)."""
+        _require_root()
+        if self.observe(record) != "running":
+            raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is {self.observe(record)}, not running")
+        machine.freeze(record.sandbox_id)
+        return self.store.update(record.sandbox_id, status="paused")
+
+    def resume(self, record: SandboxRecord, progress: Progress = lambda _: None) -> SandboxRecord:
+        _require_root()
+        status = self.observe(record)
+        if status == "running":
+            return self.store.update(record.sandbox_id, status="running")
+        if status == "paused":
+            machine.thaw(record.sandbox_id)
+            return self.store.update(record.sandbox_id, status="running")
+        spec = self.machine_spec(record)
+        if not spec.network.exists():
+            spec.network.create()
+        machine.mount_rootfs(spec)
+        nspawn_pid, leader_pid = machine.boot(spec, BOOT_TIMEOUT_SECONDS, progress)
+        resources = {**record.resources, "nspawn_pid": str(nspawn_pid), "leader_pid": str(leader_pid)}
+        return self.store.update(record.sandbox_id, status="running", resources=resources)
+
+    def _teardown(self, record: SandboxRecord, keep_log: bool) -> None:
+        resources = record.resources
+        spec = self.machine_spec(record, Path("/nonexistent")) if "slot" in resources else None
+        machine.stop(_int(resources.get("nspawn_pid")), _int(resources.get("leader_pid")), record.sandbox_id)
+        if spec is None:
+            return
+        machine.unmount_rootfs(spec)
+        spec.network.destroy()
+        if keep_log and spec.console_log.exists():
+            shutil.copyfile(spec.console_log, self.root / f".failed-{record.sandbox_id}.log")
+        shutil.rmtree(spec.directory, ignore_errors=True)
+
+    def observe(self, record: SandboxRecord) -> str:
+        """The live status: what the state store says, corrected by what the host shows.
+
+        `creating` means another km process is creating it right now; a `starting` record whose
+        creator is gone is a create that was killed, and convergence replaces it.
+        """
+        if record.status == "starting" and _process_alive(_int(record.resources.get("creator_pid"))):
+            return "creating"
+        running = machine.is_running(_int(record.resources.get("nspawn_pid")), record.sandbox_id)
+        if record.status in ("running", "paused") and not running:
+            return "stopped"
+        if running and machine.is_frozen(record.sandbox_id):
+            return "paused"
+        return record.status
+
+    def shell(self, record: SandboxRecord, command: list[str] | None, root: bool, working_dir: str, tty: bool) -> int:
+        leader = _int(record.resources.get("leader_pid"))
+        if leader is None or self.observe(record) != "running":
+            raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is not running; start it with `km resume {record.alias}`")
+        argv = machine.login_shell_command(command)
+        result = machine.run_inside(
+            leader,
+            argv,
+            user=None if root else "sandbox",
+            working_dir=working_dir,
+            in_agent_slice=not root,
+            tty=tty,
+            capture=False,
+        )
+        return result.returncode
+
+
+def _write_inside(rootfs: Path, relative: str, content: str, owner: str | None) -> None:
+    """Write a file into the machine's disk through the host's view of it, owned as it would be inside."""
+    target = rootfs / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.km-tmp")
+    temporary.write_text(content)
+    if owner is not None:
+        uid, gid = _user_ids(rootfs, owner)
+        os.chown(temporary, uid, gid)
+    os.replace(temporary, target)
+
+
+def _user_ids(rootfs: Path, user: str) -> tuple[int, int]:
+    for line in (rootfs / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise SubstrateError(f"user {user} does not exist in the sandbox")
+
+
+def _int_required(record: SandboxRecord, key: str) -> int:
+    value = _int(record.resources.get(key))
+    if value is None:
+        raise SubstrateError(f"{record.alias} ({record.sandbox_id}) has no {key}; is it running?")
+    return value
+
+
+def _volume_list(plan: dict[str, Any]) -> str:
+    return ",".join(f"{v['kind']}:{v['mountPoint']}" for v in plan["volumes"] if v["kind"] in ("ebs", "efs"))
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        return b"km" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise SubstrateError("the local substrate needs root (nspawn, network namespaces, mounts); run km as root")
+
+
+def host_agent_active(leader_pid: int) -> bool:
+    result = subprocess.run(
+        ["nsenter", "-t", str(leader_pid), "-a", "systemctl", "is-active", "km-host-agent.service"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout.strip() == "active"
