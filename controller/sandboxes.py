@@ -20,6 +20,7 @@ from controller.compiler.build import BUILD_DIR
 from controller.converge import Convergence, Observed, plan_convergence
 from controller.profile import ProfileResolver, load_profile, parse_duration
 from controller.state import SandboxRecord, SQLiteStateStore, StateStore, default_state_path
+from controller.substrates.local.reaper import ensure_reaper
 from controller.substrates.local.substrate import LocalSubstrate, PlanInput, SubstrateError
 
 Progress = Callable[[str], None]
@@ -90,7 +91,15 @@ def converge(
         progress(convergence.describe(alias))
         local.destroy(record, force=True)
     created = local.create(plan_input, alias, str(merged.file), progress)
+    ensure_reaper()
     return ConvergeResult(alias, convergence, created, dry_run)
+
+
+def resume(ref: str, store: StateStore | None = None, progress: Progress = lambda _: None) -> SandboxRecord:
+    record, substrate = resolve(ref, store)
+    resumed = substrate.resume(record, progress)
+    ensure_reaper()
+    return resumed
 
 
 def execution_privileged(plan: dict[str, Any]) -> bool:

@@ -173,7 +173,17 @@ def _lifecycle(name: str, help_text: str, action: Callable[[Any, SandboxRecord],
 
 stop_command = _lifecycle("stop", "Power a sandbox off; its disk is kept.", lambda s, r: s.stop(r))
 pause_command = _lifecycle("pause", "Freeze a sandbox in memory (the local hibernation).", lambda s, r: s.pause(r))
-resume_command = _lifecycle("resume", "Start a stopped sandbox or thaw a paused one.", lambda s, r: s.resume(r, _progress))
+
+
+@click.command("resume")
+@click.argument("ref")
+@operator_errors
+def resume_command(ref: str) -> None:
+    """Start a stopped sandbox or thaw a paused one."""
+    from controller.sandboxes import resume
+
+    record = resume(ref, progress=_progress)
+    click.echo(f"{record.alias}: {record.status} ({record.sandbox_id})")
 
 
 @click.command("extend")

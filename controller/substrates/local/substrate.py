@@ -297,7 +297,7 @@ class LocalSubstrate:
         spec.network.destroy()
         if keep_log and spec.console_log.exists():
             shutil.copyfile(spec.console_log, self.root / f".failed-{record.sandbox_id}.log")
-        shutil.rmtree(spec.directory, ignore_errors=True)
+        _remove_in_background(spec.directory)
 
     def observe(self, record: SandboxRecord) -> str:
         """The live status: what the state store says, corrected by what the host shows.
@@ -329,6 +329,16 @@ class LocalSubstrate:
             capture=False,
         )
         return result.returncode
+
+
+def _remove_in_background(directory: Path) -> None:
+    """Move the disk aside at once and delete it in a detached process: a disk full of packages takes
+    seconds to delete, and nothing needs to wait for that."""
+    if not directory.exists():
+        return
+    trash = directory.with_name(f".trash-{directory.name}-{os.getpid()}")
+    os.rename(directory, trash)
+    subprocess.Popen(["rm", "-rf", "--one-file-system", str(trash)], start_new_session=True, stdin=subprocess.DEVNULL)
 
 
 def _write_inside(rootfs: Path, relative: str, content: str, owner: str | None) -> None:
