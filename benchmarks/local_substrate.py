@@ -103,10 +103,13 @@ def main() -> int:
     results["destroy_p50_s"] = statistics.median(destroys)
     results["idle_memory_mib"] = statistics.median(memory)
 
+    def create_exit_code(number: int) -> int:
+        command = [str(BIN / "km"), "create", str(profile), "--alias", f"p{number}"]
+        return subprocess.run(command, capture_output=True, text=True).returncode
+
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         start = time.perf_counter()
-        outcomes = list(pool.map(lambda n: subprocess.run([str(BIN / "km"), "create", str(profile), "--alias", f"p{n}"],
-                                                          capture_output=True, text=True).returncode, range(args.parallel)))  # fmt: skip
+        outcomes = list(pool.map(create_exit_code, range(args.parallel)))
         results[f"parallel_{args.parallel}_create_s"] = time.perf_counter() - start
     listed = json.loads(km("list", "--json").stdout)
     results[f"parallel_{args.parallel}_running"] = sum(1 for s in listed if s["status"] == "running")

@@ -46,11 +46,11 @@ def plan_convergence(desired: dict[str, Any], observed: Observed) -> Convergence
     record = observed.record
     if record is None:
         return Convergence("create", ["no sandbox has this alias"])
+    if observed.status == "creating":
+        raise SandboxBusy(f"another km process is creating {record.alias} ({record.sandbox_id}) right now; wait for it to finish")
     if record.substrate != desired["sandbox"]["substrate"]:
         reason = f"it runs on {record.substrate}, the plan says {desired['sandbox']['substrate']}"
         return Convergence("replace", [reason])
-    if observed.status == "creating":
-        raise SandboxBusy(f"another km process is creating {record.alias} ({record.sandbox_id}) right now; wait for it to finish")
     if observed.status in ("failed", "starting") or (observed.status is None and record.status in ("failed", "starting")):
         return Convergence("replace", [f"the existing sandbox is {observed.status or record.status}"])
     changed = changed_fields(observed.applied_plan["profile"], desired["profile"]) if observed.applied_plan else []

@@ -54,6 +54,8 @@ def choose_substrate(requested: str | None, profile_substrate: str) -> str:
 def substrate_for(name: str, store: StateStore) -> LocalSubstrate:
     if name == "ec2":
         raise SubstrateError("the ec2 substrate is not available in this version; use --substrate local (or KM_SUBSTRATE=local)")
+    if os.geteuid() != 0:
+        raise SubstrateError("the local substrate needs root (nspawn, network namespaces, mounts); run km as root")
     return LocalSubstrate(store)
 
 

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from host_agent.config import HostAgentConfig, load_config
 from host_agent.sdnotify import notify, watchdog_interval_seconds
 from host_agent.version import __version__
@@ -43,7 +41,7 @@ class Daemon:
     def run(self) -> int:
         try:
             self.config = load_config(self.config_path)
-        except (OSError, ValidationError) as error:
+        except (OSError, ValueError) as error:  # ValueError: ValidationError, undecodable bytes
             log.error("cannot load config", extra={"fields": {"config": str(self.config_path), "error": str(error)}})
             return 1
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
@@ -67,7 +65,7 @@ class Daemon:
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             self.config = load_config(self.config_path)
-        except (OSError, ValidationError) as error:
+        except (OSError, ValueError) as error:  # ValueError: ValidationError, undecodable bytes
             # Keep enforcing the policy we have: a bad file must never loosen anything.
             log.error("reload refused; keeping the current policy", extra={"fields": {"error": str(error)}})
         else:

@@ -27,23 +27,34 @@ done
 
 apt_lists_fresh() { [ -n "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mmin -60 2>/dev/null | head -1)" ]; }
 
+# Debian names for the requested packages (skipping those an image does not need), in debian_packages.
+translate() {
+  debian_packages=()
+  for package in "${packages[@]}"; do
+    [[ "$SKIP" == *" $package "* ]] && { echo "yum (km): skipping $package (not needed on this image)" >&2; continue; }
+    debian_packages+=("${DEBIAN_NAME[$package]:-$package}")
+  done
+}
+
 case "$command" in
   install|reinstall)
-    debian_packages=()
-    for package in "${packages[@]}"; do
-      [[ "$SKIP" == *" $package "* ]] && { echo "yum (km): skipping $package (not needed on this image)" >&2; continue; }
-      debian_packages+=("${DEBIAN_NAME[$package]:-$package}")
-    done
+    translate
     [ "${#debian_packages[@]}" -gt 0 ] || exit 0
     apt_lists_fresh || apt-get update -q
     exec apt-get install -y -q --no-install-recommends "${debian_packages[@]}"
     ;;
   update|upgrade)
+    translate
     apt-get update -q
     [ "${#packages[@]}" -eq 0 ] && exec apt-get upgrade -y -q
-    exec apt-get install -y -q --only-upgrade "${packages[@]}"
+    [ "${#debian_packages[@]}" -gt 0 ] || exit 0
+    exec apt-get install -y -q --only-upgrade "${debian_packages[@]}"
     ;;
-  remove|erase) exec apt-get remove -y -q "${packages[@]}" ;;
+  remove|erase)
+    translate
+    [ "${#debian_packages[@]}" -gt 0 ] || exit 0
+    exec apt-get remove -y -q "${debian_packages[@]}"
+    ;;
   makecache) exec apt-get update -q ;;
   clean) exec apt-get clean ;;
   *) echo "yum (km apt front end): '$command' is not supported; use install, update, remove, makecache or clean" >&2; exit 2 ;;

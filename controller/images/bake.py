@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller.images.chroot import BakeError, run_in_chroot, run_logged
-from controller.images.recipe import LoadedRecipe, load_recipe
+from controller.images.recipe import RECIPES_DIR, LoadedRecipe, load_recipe
 from controller.images.store import Image, ImageStore
 from host_agent.version import __version__
 
@@ -30,15 +30,17 @@ HOST_AGENT_VENV = "/opt/km/venv"
 _PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
-def bake(name: str, store: ImageStore | None = None, progress: Progress = lambda _: None) -> tuple[Image, bool]:
+def bake(
+    name: str, store: ImageStore | None = None, progress: Progress = lambda _: None, recipes_dir: Path = RECIPES_DIR
+) -> tuple[Image, bool]:
     """The image for recipe `name`, baking it (and its parents) if needed; the flag says whether it was baked."""
     store = store or ImageStore()
-    recipe = load_recipe(name)
+    recipe = load_recipe(name, recipes_dir)
     existing = store.find(recipe.image_name)
     if existing is not None:
         return existing, False
     _require_bake_tools()
-    parent_image = bake(recipe.parent.name, store, progress)[0] if recipe.parent else None
+    parent_image = bake(recipe.parent.name, store, progress, recipes_dir)[0] if recipe.parent else None
     store.remove_stale_partials()
     partial = store.partial_dir(recipe.image_name)
     partial.mkdir()

@@ -100,9 +100,27 @@ def load_recipe(name: str, directory: Path = RECIPES_DIR, _chain: tuple[str, ...
             [Finding(tuple(e["loc"]), e["msg"], document.location(tuple(e["loc"]))) for e in error.errors(include_url=False)]
         ) from None
     spec = recipe.spec
+    if recipe.metadata.name != name:
+        where = ("metadata", "name")
+        message = f"the recipe in {file.name} is named {recipe.metadata.name!r}; a recipe's name is its file name ({name!r})"
+        raise ProfileError([Finding(where, message, document.location(where))])
     if (spec.base is None) == (spec.parent is None):
         raise ProfileError([Finding(("spec",), "a recipe has exactly one of base or parent", document.location(("spec",)))])
-    parent = load_recipe(spec.parent, directory, _chain + (name,)) if spec.parent else None
+    parent = None
+    if spec.parent is not None:
+        if not (directory / f"{spec.parent}.yaml").is_file():
+            where = ("spec", "parent")
+            known = ", ".join(recipe_names(directory))
+            raise ProfileError(
+                [
+                    Finding(
+                        where,
+                        f"parent recipe {spec.parent!r} not found in {directory} (known: {known})",
+                        document.location(where),
+                    )
+                ]
+            )
+        parent = load_recipe(spec.parent, directory, _chain + (name,))
     digest = hashlib.sha256()
     digest.update(file.read_bytes())
     for image_file in spec.files:

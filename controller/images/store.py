@@ -80,7 +80,14 @@ class ImageStore:
         metadata = {**metadata, "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")}
         (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         target = self.root / image_name
-        os.rename(partial, target)
+        try:
+            os.rename(partial, target)
+        except OSError:
+            existing = self.find(image_name)
+            if existing is None:
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another bake of the same hash finished first
+            return existing
         return Image(target, metadata)
 
     def remove_stale_partials(self) -> list[Path]:

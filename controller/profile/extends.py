@@ -72,14 +72,14 @@ class ProfileResolver:
     def find(self, reference: str, child_dir: Path | None = None) -> Path | None:
         """The file a name or a path refers to, or None when nothing matches."""
         as_path = Path(reference)
-        if reference.endswith((".yaml", ".yml")) and as_path.is_file():
+        if reference.endswith((".yaml", ".yml")) and _exists(as_path):
             return as_path.resolve()
         if as_path.is_absolute() or ".." in as_path.parts or not reference.strip():
             return None
         for directory in self.search_dirs(child_dir):
             for suffix in (".yaml", ".yml"):
                 candidate = directory / f"{reference}{suffix}"
-                if candidate.is_file():
+                if _exists(candidate):
                     return candidate.resolve()
         return None
 
@@ -137,6 +137,14 @@ class ProfileResolver:
         if cached is None:
             cached = self._merged[parent_file] = self._merge(read_document(parent_file), chain)
         return cached
+
+
+def _exists(path: Path) -> bool:
+    """A file is there, or something is in the way of looking (reading it will then say what)."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        return True
 
 
 def _extends_names(document: SourceDocument) -> list[tuple[int | None, str]]:

@@ -58,7 +58,7 @@ def leftovers(sandbox_id: str) -> list[str]:
             found.append(f"cgroup in {hierarchy}")
     if sandbox_id in Path("/proc/self/mounts").read_text():
         found.append("mount")
-    processes = subprocess.run(["pgrep", "-f", f"--machine={sandbox_id}"], capture_output=True, text=True).stdout
+    processes = subprocess.run(["pgrep", "-f", "--", f"--machine={sandbox_id}"], capture_output=True, text=True).stdout
     if processes.strip():
         found.append("nspawn process")
     sandboxes = Path(os.environ["KM_SANDBOX_DIR"])

@@ -202,8 +202,24 @@ def is_running(nspawn_pid: int | None, sandbox_id: str) -> bool:
     return not zombie and f"--machine={sandbox_id}".encode() in cmdline
 
 
+def find_nspawn_pid(sandbox_id: str) -> int | None:
+    """The nspawn process of a machine, found by its command line (for a create killed before it recorded it)."""
+    marker = f"--machine={sandbox_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"systemd-nspawn") and marker in cmdline:
+                return int(entry.name)
+    return None
+
+
 def stop(nspawn_pid: int | None, leader_pid: int | None, sandbox_id: str, timeout: float = 30) -> None:
     """Halt the machine (SIGTERM → its systemd powers off); kill its PID 1 first if it will not stop."""
+    if not is_running(nspawn_pid, sandbox_id):
+        nspawn_pid = find_nspawn_pid(sandbox_id)
     if is_running(nspawn_pid, sandbox_id):
         assert nspawn_pid is not None
         thaw(sandbox_id)
@@ -301,18 +317,27 @@ def _kill_quietly(pid: int) -> None:
         pass
 
 
-def _remove_cgroup(directory: Path) -> None:
+def _remove_cgroup(directory: Path, timeout: float = 10) -> None:
+    """Remove a machine's cgroup tree once nspawn is gone, killing stragglers (cgroup.kill) first."""
     if not directory.is_dir():
         return
-    for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    kill = directory / "cgroup.kill"
+    if kill.exists():
         try:
-            child.rmdir()
+            kill.write_text("1")
         except OSError:
             pass
-    try:
-        directory.rmdir()
-    except OSError:
-        pass
+    deadline = time.monotonic() + timeout
+    while directory.is_dir() and time.monotonic() < deadline:
+        for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            try:
+                child.rmdir()
+            except OSError:
+                pass
+        try:
+            directory.rmdir()
+        except OSError:
+            time.sleep(0.05)  # processes are still leaving it
 
 
 def _is_mountpoint(path: Path) -> bool:
