@@ -222,11 +222,12 @@ def stop(nspawn_pid: int | None, leader_pid: int | None, sandbox_id: str, timeou
         nspawn_pid = find_nspawn_pid(sandbox_id)
     if is_running(nspawn_pid, sandbox_id):
         assert nspawn_pid is not None
+        leader_pid = leader_pid or _child_of(nspawn_pid)
         thaw(sandbox_id)
         os.kill(nspawn_pid, signal.SIGTERM)
         if not _wait_gone(nspawn_pid, sandbox_id, timeout):
             if leader_pid:
-                _kill_quietly(leader_pid)
+                _kill_quietly(leader_pid)  # the machine's PID 1 first, so its systemd is never orphaned
             if not _wait_gone(nspawn_pid, sandbox_id, 5):
                 _kill_quietly(nspawn_pid)
                 _wait_gone(nspawn_pid, sandbox_id, 5)
@@ -308,6 +309,15 @@ def _wait_gone(pid: int, sandbox_id: str, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def _child_of(pid: int) -> int | None:
+    """nspawn's child is the machine's PID 1 (known even before READY reports it)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
 
 
 def _kill_quietly(pid: int) -> None:
