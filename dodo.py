@@ -36,6 +36,7 @@ COMPILER_SOURCES = sorted(
     str(path) for package in ("controller/compiler", "controller/profile") for path in Path(package).glob("*.py")
 ) + ["host_agent/config.py", "host_agent/systemd/km-host-agent.service"]
 
+BUILTIN = builtin_profiles()  # read once: every task family below is generated from it
 DOIT_CONFIG = {"dep_file": ".doit.json", "backend": "json", "verbosity": 2, "default_tasks": ["compile"]}
 OPERATOR_ERRORS = (ProfileError, SubstrateError, MachineError, NetworkError, StateError, BakeError, SandboxBusy)
 
@@ -60,7 +61,7 @@ def _profile_files(resolver: ProfileResolver, name: str, fallback: Path) -> list
 def task_compile() -> Iterator[dict[str, Any]]:
     """Compile a built-in profile into build/<name>/."""
     resolver = ProfileResolver()
-    for entry in builtin_profiles():
+    for entry in BUILTIN:
         if entry.abstract:
             continue
         yield {
@@ -120,7 +121,7 @@ CREATE_PARAMS = [
 
 def task_create() -> Iterator[dict[str, Any]]:
     """Converge the sandbox named after a profile to its plan (create, update in place, or replace)."""
-    for entry in builtin_profiles():
+    for entry in BUILTIN:
         if not entry.abstract:
             yield {"name": entry.name, "actions": [(_create, [entry.name])], "params": CREATE_PARAMS, "uptodate": [False]}
 
@@ -139,6 +140,6 @@ def _destroy(alias: str) -> TaskFailed | None:
 
 def task_destroy() -> Iterator[dict[str, Any]]:
     """Destroy the sandbox aliased after a profile."""
-    for entry in builtin_profiles():
+    for entry in BUILTIN:
         if not entry.abstract:
             yield {"name": entry.name, "actions": [(_destroy, [entry.name])], "uptodate": [False]}

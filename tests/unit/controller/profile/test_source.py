@@ -101,3 +101,21 @@ def test_reports_missing_files_and_non_utf8(tmp_path: Path) -> None:
     latin.write_bytes(b"a: caf\xe9\n")
     with pytest.raises(ProfileError, match="not UTF-8"):
         read_document(latin)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 64 levels"),
+        ("a: 1\na: 2\n", "duplicate key 'a'"),
+        ("a: &a [*a]\n", "nested deeper"),
+    ],
+)
+def test_the_pure_python_loader_refuses_the_same_documents(
+    text: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without libyaml, PyYAML's own parser is used and km limits nesting while composing.
+    monkeypatch.setattr("yaml.__with_libyaml__", False)
+    assert expected in _error(text, tmp_path)
+    document = parse_document("a: [1, {b: 2}]\n", tmp_path / "p.yaml")
+    assert document.data == {"a": [1, {"b": 2}]} and document.lines[("a", 1, "b")] == 1
