@@ -230,6 +230,35 @@ def shell_command(ref: str, root: bool, command: tuple[str, ...]) -> None:
     sys.exit(substrate.shell(record, list(command) or None, root=root, working_dir=working_dir, tty=tty))
 
 
+@click.command("doctor")
+@click.option("--local", "local", is_flag=True, required=True, help="Check this host's local substrate.")
+@click.option("--fix", is_flag=True, help="Remove what is found.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@operator_errors
+def doctor_command(local: bool, fix: bool, as_json: bool) -> None:
+    """Find what local sandboxes left behind (namespaces, links, NAT rules, cgroups, mounts, disks); exit 1 if any."""
+    from controller.sandboxes import state_store
+    from controller.substrates.local import doctor
+    from controller.substrates.local.substrate import sandbox_root
+
+    store = state_store()
+    found = doctor.find_leftovers(store, sandbox_root())
+    if fix and found:
+        doctor.fix(found)
+        remaining = doctor.find_leftovers(store, sandbox_root())
+    else:
+        remaining = found
+    if as_json:
+        print_json({"found": [item.as_json() for item in found], "remaining": [item.as_json() for item in remaining]})
+    else:
+        for item in found:
+            click.echo(
+                f"{item.kind:9} {item.sandbox_id}  {item.detail}" + ("  (removed)" if fix and item not in remaining else "")
+            )
+        click.echo(f"{len(found)} leftover(s) found" + (f", {len(found) - len(remaining)} removed" if fix else ""))
+    sys.exit(1 if remaining else 0)
+
+
 SANDBOX_COMMANDS = [
     create_command,
     list_command,
@@ -242,4 +271,5 @@ SANDBOX_COMMANDS = [
     lock_command,
     unlock_command,
     shell_command,
+    doctor_command,
 ]

@@ -1,0 +1,120 @@
+"""`km doctor --local`: find (and with --fix remove) what local sandboxes left on this host.
+
+Everything a local sandbox makes carries its id in its name: the network namespace `km-<id>`, the
+veth `kmv-<hex>`, the nftables rule commented `km:<id>`, the cgroups `km-nspawn-<id>`, the overlay
+mount and the directory under the sandbox root. Anything of that shape whose id has no record in the
+state store is an orphan: a killed create, a crashed km, a deleted state file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.state import StateStore
+from controller.substrates.local import machine
+from controller.substrates.local.network import NFT_TABLE
+
+_ID = r"[a-z][a-z0-9]{0,11}-[a-f0-9]{8}"
+
+
+@dataclass(frozen=True)
+class Leftover:
+    kind: str  # netns, veth, nat-rule, cgroup, mount, directory, process
+    sandbox_id: str
+    detail: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "sandbox_id": self.sandbox_id, "detail": self.detail}
+
+
+def find_leftovers(store: StateStore, sandbox_root: Path) -> list[Leftover]:
+    known = {record.sandbox_id for record in store.list()}
+    suffixes = {sandbox_id.rsplit("-", 1)[-1] for sandbox_id in known}
+    found: list[Leftover] = []
+    for name in _netns_names():
+        match = re.fullmatch(rf"km-({_ID})", name)
+        if match and match.group(1) not in known:
+            found.append(Leftover("netns", match.group(1), name))
+    for name in _link_names():
+        match = re.fullmatch(r"kmv-([a-f0-9]{8})", name)
+        if match and match.group(1) not in suffixes:
+            found.append(Leftover("veth", match.group(1), name))
+    for handle, sandbox_id in _nat_rules():
+        if sandbox_id not in known:
+            found.append(Leftover("nat-rule", sandbox_id, f"handle {handle}"))
+    for hierarchy in (machine.CGROUP_HYBRID_UNIFIED, machine.CGROUP_HYBRID_SYSTEMD, machine.CGROUP_ROOT):
+        for directory in sorted(hierarchy.glob("km-nspawn-*")) if hierarchy.is_dir() else []:
+            sandbox_id = directory.name.removeprefix("km-nspawn-")
+            if sandbox_id not in known:
+                found.append(Leftover("cgroup", sandbox_id, str(directory)))
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1]
+        match = re.fullmatch(rf"{re.escape(str(sandbox_root))}/({_ID})/rootfs", target)
+        if match and match.group(1) not in known:
+            found.append(Leftover("mount", match.group(1), target))
+    if sandbox_root.is_dir():
+        for directory in sorted(sandbox_root.iterdir()):
+            match = re.fullmatch(rf"(?:\.trash-)?({_ID})(?:-\d+)?", directory.name)
+            if match and (directory.name.startswith(".trash-") or match.group(1) not in known):
+                found.append(Leftover("directory", match.group(1), str(directory)))
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"systemd-nspawn"):
+            for argument in cmdline:
+                match = re.fullmatch(rf"--machine=({_ID})", argument.decode(errors="replace"))
+                if match and match.group(1) not in known:
+                    found.append(Leftover("process", match.group(1), f"systemd-nspawn pid {pid_dir.name}"))
+    return found
+
+
+def fix(leftovers: list[Leftover]) -> None:
+    """Remove leftovers in dependency order: processes, cgroups, mounts, network, directories."""
+    order = ["process", "cgroup", "mount", "nat-rule", "veth", "netns", "directory"]
+    for item in sorted(leftovers, key=lambda leftover: order.index(leftover.kind)):
+        if item.kind == "process":
+            machine.stop(int(item.detail.rsplit(" ", 1)[-1]), None, item.sandbox_id, timeout=10)
+        elif item.kind == "cgroup":
+            machine.stop(None, None, item.sandbox_id, timeout=10)  # kills what is left in it and removes it
+        elif item.kind == "mount":
+            subprocess.run(["umount", "--lazy", item.detail], check=False)
+        elif item.kind == "nat-rule":
+            handle = item.detail.split()[-1]
+            subprocess.run(["nft", "delete", "rule", "ip", NFT_TABLE, "postrouting", "handle", handle], check=False)
+        elif item.kind == "veth":
+            subprocess.run(["ip", "link", "del", item.detail], check=False)
+        elif item.kind == "netns":
+            subprocess.run(["ip", "netns", "del", item.detail], check=False)
+        elif item.kind == "directory":
+            subprocess.run(["rm", "-rf", "--one-file-system", item.detail], check=False)
+
+
+def _netns_names() -> list[str]:
+    directory = Path("/run/netns")
+    return sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []
+
+
+def _link_names() -> list[str]:
+    result = subprocess.run(["ip", "-j", "link"], capture_output=True, text=True, check=False)
+    return [link["ifname"] for link in json.loads(result.stdout or "[]")] if result.returncode == 0 else []
+
+
+def _nat_rules() -> list[tuple[int, str]]:
+    result = subprocess.run(["nft", "-j", "-a", "list", "chain", "ip", NFT_TABLE, "postrouting"], capture_output=True, text=True)
+    if result.returncode != 0:
+        return []
+    rules = []
+    for item in json.loads(result.stdout).get("nftables", []):
+        rule = item.get("rule")
+        comment = rule.get("comment", "") if rule else ""
+        if comment.startswith("km:"):
+            rules.append((int(rule["handle"]), comment.removeprefix("km:")))
+    return rules
