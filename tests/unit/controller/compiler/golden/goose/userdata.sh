@@ -189,7 +189,7 @@ km_write_file /etc/km/host-agent.json 0644 root:root <<'KM_EOF'
   "substrate": "ec2"
 }
 KM_EOF
-km_write_file /etc/systemd/system/km-host-agent.service 0644 root:root <<'KM_EOF'
+km_write_file /etc/systemd/system/km-host-agent.service.km-new 0644 root:root <<'KM_EOF'
 [Unit]
 Description=km host agent: enforces the sandbox profile (egress gate, capture, agent runs)
 ConditionPathExists=/etc/km/host-agent.json
@@ -211,8 +211,14 @@ CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SETUID CAP_SETGID CA
 [Install]
 WantedBy=multi-user.target
 KM_EOF
-systemctl daemon-reload
-systemctl enable --now km-host-agent.service
+if cmp -s /etc/systemd/system/km-host-agent.service.km-new /etc/systemd/system/km-host-agent.service; then
+  rm -f /etc/systemd/system/km-host-agent.service.km-new
+else
+  mv -f /etc/systemd/system/km-host-agent.service.km-new /etc/systemd/system/km-host-agent.service
+  systemctl daemon-reload
+fi
+systemctl is-enabled --quiet km-host-agent.service || systemctl enable km-host-agent.service
+systemctl start km-host-agent.service
 
 echo ready > /var/lib/km/boot-status
 km_log "SANDBOX_READY sandbox_id=${KM_SANDBOX_ID:-unknown}"
