@@ -123,7 +123,13 @@ def task_create() -> Iterator[dict[str, Any]]:
     """Converge the sandbox named after a profile to its plan (create, update in place, or replace)."""
     for entry in BUILTIN:
         if not entry.abstract:
-            yield {"name": entry.name, "actions": [(_create, [entry.name])], "params": CREATE_PARAMS, "uptodate": [False]}
+            yield {
+                "name": entry.name,
+                "actions": [(_create, [entry.name])],
+                "task_dep": [f"compile:{entry.name}"],  # build/<name>/ shows what the sandbox is converged to
+                "params": CREATE_PARAMS,
+                "uptodate": [False],
+            }
 
 
 def _destroy(alias: str) -> TaskFailed | None:

@@ -12,11 +12,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from controller.compiler import compile_profile, write_plan
-from controller.compiler.build import BUILD_DIR
+from controller.compiler import compile_profile
 from controller.converge import Convergence, Observed, plan_convergence
 from controller.profile import ProfileResolver, load_profile, parse_duration
 from controller.state import SandboxRecord, SQLiteStateStore, StateStore, default_state_path
@@ -83,7 +81,6 @@ def converge(
     convergence = plan_convergence(plan, observed)
     if dry_run or convergence.action == "none":
         return ConvergeResult(alias, convergence, record, dry_run)
-    write_plan(compiled, BUILD_DIR / compiled.name)
     plan_input = PlanInput(plan, compiled.userdata)
     if execution_privileged(plan):
         progress(PRIVILEGED_WARNING)
@@ -131,7 +128,3 @@ def extend(ref: str, duration: str, store: StateStore | None = None) -> SandboxR
 def set_locked(ref: str, locked: bool, store: StateStore | None = None) -> SandboxRecord:
     record, substrate = resolve(ref, store)
     return substrate.store.update(record.sandbox_id, locked=locked)
-
-
-def plan_directory(name: str) -> Path:
-    return BUILD_DIR / name

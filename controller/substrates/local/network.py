@@ -103,14 +103,6 @@ def _rule_handles(comment: str) -> list[int]:
     return handles
 
 
-def nat_rule_count() -> int:
-    """How many km NAT rules exist (leak checks)."""
-    result = subprocess.run(["nft", "-j", "-a", "list", "chain", "ip", NFT_TABLE, "postrouting"], capture_output=True, text=True)
-    if result.returncode != 0:
-        return 0
-    return sum(1 for item in json.loads(result.stdout).get("nftables", []) if "rule" in item)
-
-
 def _run(argv: list[str], stdin: str | None = None) -> None:
     result = subprocess.run(argv, input=stdin, capture_output=True, text=True)
     if result.returncode != 0:

@@ -21,7 +21,7 @@ from typing import Any
 from controller.compiler.userdata import PROFILE_ENV_PATH, profile_env_script
 from controller.images.bake import bake
 from controller.images.recipe import recipe_names
-from controller.images.store import ImageStore
+from controller.images.store import Image, ImageStore
 from controller.state import SandboxRecord, StateStore, new_sandbox_id
 from controller.substrates.local import machine
 from controller.substrates.local.machine import MachineError, MachineSpec
@@ -44,10 +44,6 @@ class PlanInput:
 
     plan: dict[str, Any]
     userdata: str
-
-    @classmethod
-    def from_directory(cls, directory: Path) -> PlanInput:
-        return cls(json.loads((directory / "plan.json").read_text()), (directory / "userdata.sh").read_text())
 
 
 def sandbox_root() -> Path:
@@ -231,7 +227,7 @@ class LocalSubstrate:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else "(no userdata log)"
             raise SubstrateError(f"first boot did not complete ({status}); the end of its log:\n{tail}")
 
-    def _image_for(self, ami: str, progress: Progress) -> Any:
+    def _image_for(self, ami: str, progress: Progress) -> Image:
         if ami not in recipe_names():
             raise SubstrateError(
                 f"no local image for runtime.ami {ami!r}: local images are {', '.join(recipe_names())}; "
