@@ -18,6 +18,7 @@ APT_PACKAGES=(
     systemd-container  # systemd-nspawn: the local substrate's machines
     nftables        # NAT for local sandboxes' network namespaces
     iproute2        # network namespaces and veth pairs
+    e2fsprogs       # local sandboxes' additional volumes are ext4 images
     tmux            # agent runs are supervised in tmux sessions
 )
 if command -v dpkg >/dev/null 2>&1; then

@@ -57,9 +57,22 @@ km_block_device() {  # /dev/sdX as the kernel names it: sdX, xvdX, or the NVMe n
   done
   return 1
 }
+km_give_fresh_volume() {  # mount-point: a new, empty volume belongs to the sandbox user
+  local entry
+  [ "$(stat -c %U "$1")" = root ] || return 0
+  for entry in "$1"/* "$1"/.[!.]*; do
+    [ -e "$entry" ] || continue
+    [ "${entry##*/}" = lost+found ] || return 0
+  done
+  chown sandbox:sandbox "$1"
+}
 km_mount_volume() {  # device mount-point: format when blank, mount by UUID, keep it in fstab
   local device=$1 mount_point=$2 real uuid tries=0
-  if mountpoint -q "$mount_point"; then km_log "$mount_point already mounted; leaving it"; return 0; fi
+  if mountpoint -q "$mount_point"; then
+    km_log "$mount_point already mounted; leaving it"
+    km_give_fresh_volume "$mount_point"
+    return 0
+  fi
   until real=$(km_block_device "$device"); do
     tries=$((tries + 1)); [ "$tries" -le 60 ] || { km_log "device $device never appeared"; return 1; }
     sleep 2
@@ -69,6 +82,7 @@ km_mount_volume() {  # device mount-point: format when blank, mount by UUID, kee
   mkdir -p "$mount_point"
   grep -q "UUID=$uuid " /etc/fstab || echo "UUID=$uuid $mount_point ext4 defaults,nofail 0 2" >> /etc/fstab
   mount "$mount_point"
+  km_give_fresh_volume "$mount_point"
 }
 km_mount_efs() {  # mount-point region: the shared EFS file system named by KM_EFS_ID
   local mount_point=$1 region=${KM_REGION:-$2}

@@ -83,6 +83,10 @@ def test_create_shell_update_pause_stop_resume_lock_destroy(local_env: Path, deb
         assert lines[5] == '{"a": 1}'
         assert lines[6:] == ["data-mounted", "first-boot", "no-sudo"]
         assert shell("lifecycle", "tail -1 /proc/self/cgroup", "--root").stdout.strip().startswith("0::/system.slice/")
+        # The additional volume has the profile's size (1 GiB), and its data survives stop and start below.
+        size_mib = int(shell("lifecycle", "df --output=size -BM /data | tail -1").stdout.strip().rstrip("M"))
+        assert 900 < size_mib <= 1024, size_mib
+        assert shell("lifecycle", "echo on-the-volume > /data/kept.txt").returncode == 0  # a fresh volume is the sandbox user's
 
         # Nothing changed: up to date, no work.
         assert km("create", str(profile_file)).stdout.startswith("lifecycle: up to date")
@@ -115,6 +119,7 @@ def test_create_shell_update_pause_stop_resume_lock_destroy(local_env: Path, deb
         assert json.loads(km("list", "--json").stdout)[0]["status"] == "stopped"
         km("start", "1")
         assert shell("lifecycle", "cat /workspace/state.txt; cat /var/lib/km/init-ran").stdout.split() == ["kept", "first-boot"]
+        assert shell("lifecycle", "cat /data/kept.txt").stdout.strip() == "on-the-volume"
 
         # Locked sandboxes refuse destroy.
         km("lock", "lifecycle")

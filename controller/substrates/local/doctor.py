@@ -53,7 +53,7 @@ def find_leftovers(store: StateStore, sandbox_root: Path) -> list[Leftover]:
                 found.append(Leftover("cgroup", sandbox_id, str(directory)))
     for line in Path("/proc/self/mounts").read_text().splitlines():
         target = line.split()[1]
-        match = re.fullmatch(rf"{re.escape(str(sandbox_root))}/({_ID})/rootfs", target)
+        match = re.fullmatch(rf"{re.escape(str(sandbox_root))}/({_ID})/(?:rootfs|volumes/[^/]+)", target)
         if match and match.group(1) not in known:
             found.append(Leftover("mount", match.group(1), target))
     if sandbox_root.is_dir():

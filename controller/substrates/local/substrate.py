@@ -107,6 +107,7 @@ class LocalSubstrate:
         spec.directory.mkdir(parents=True, exist_ok=True)
         spec.network.create()
         machine.mount_rootfs(spec)
+        self._prepare_volumes(record)
         self._write_first_boot_files(spec, record, compiled)
         has_init = bool(plan["profile"]["spec"]["execution"].get("initCommands"))
         timeout = INIT_COMMANDS_TIMEOUT_SECONDS if has_init else BOOT_TIMEOUT_SECONDS
@@ -187,20 +188,40 @@ class LocalSubstrate:
             binds=tuple(self._binds(record)),
         )
 
+    def _volumes(self, record: SandboxRecord) -> list[LocalVolume]:
+        """The additional volume is an ext4 image of its size, loop-mounted; EFS is one directory all share."""
+        volumes = []
+        for entry in filter(None, record.resources.get("volumes", "").split(",")):
+            kind, mount_point, *size = entry.split(":")
+            if kind == "ebs":
+                name = mount_point.strip("/").replace("/", "_")
+                base = self.root / record.sandbox_id / "volumes"
+                volumes.append(LocalVolume(kind, mount_point, base / name, base / f"{name}.ext4", int(size[0]) if size else 1))
+            else:
+                volumes.append(LocalVolume(kind, mount_point, self.root.parent / "efs" / "default", None, None))
+        return volumes
+
     def _binds(self, record: SandboxRecord) -> list[tuple[Path, str]]:
-        """Volumes become host directories: the additional volume per sandbox, EFS shared by all."""
-        binds = []
-        volumes = record.resources.get("volumes", "")
-        for entry in filter(None, volumes.split(",")):
-            kind, mount_point = entry.split(":", 1)
-            host = (
-                self.root / record.sandbox_id / "volumes" / mount_point.strip("/").replace("/", "_")
-                if kind == "ebs"
-                else self.root.parent / "efs" / "default"
+        return [(volume.host_dir, volume.mount_point) for volume in self._volumes(record)]
+
+    def _prepare_volumes(self, record: SandboxRecord) -> None:
+        for volume in self._volumes(record):
+            volume.host_dir.mkdir(parents=True, exist_ok=True)
+            if volume.image_file is None or _mounted(volume.host_dir):
+                continue
+            if not volume.image_file.exists():
+                with volume.image_file.open("wb") as image:
+                    image.truncate((volume.size_gib or 1) * 1024**3)  # sparse: disk is used as data is written
+                mkfs = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"]
+                _checked([*mkfs, str(volume.image_file)], f"formatting the {volume.mount_point} volume")
+            _checked(
+                ["mount", "-o", "loop", str(volume.image_file), str(volume.host_dir)], f"mounting the {volume.mount_point} volume"
             )
-            host.mkdir(parents=True, exist_ok=True)
-            binds.append((host, mount_point))
-        return binds
+
+    def _release_volumes(self, record: SandboxRecord) -> None:
+        for volume in self._volumes(record):
+            if volume.image_file is not None and _mounted(volume.host_dir):
+                _checked(["umount", str(volume.host_dir)], f"unmounting the {volume.mount_point} volume")
 
     def _write_first_boot_files(self, spec: MachineSpec, record: SandboxRecord, compiled: PlanInput) -> None:
         etc_km = spec.rootfs / "etc/km"
@@ -257,6 +278,7 @@ class LocalSubstrate:
             raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is locked; `km unlock {record.alias}` first")
         machine.stop(_int(record.resources.get("nspawn_pid")), _int(record.resources.get("leader_pid")), record.sandbox_id)
         machine.unmount_rootfs(self.machine_spec(record))
+        self._release_volumes(record)
         return self.store.update(record.sandbox_id, status="stopped")
 
     def pause(self, record: SandboxRecord) -> SandboxRecord:
@@ -279,6 +301,7 @@ class LocalSubstrate:
         if not spec.network.exists():
             spec.network.create()
         machine.mount_rootfs(spec)
+        self._prepare_volumes(record)
         nspawn_pid, leader_pid = machine.boot(spec, BOOT_TIMEOUT_SECONDS, progress)
         resources = {**record.resources, "nspawn_pid": str(nspawn_pid), "leader_pid": str(leader_pid)}
         return self.store.update(record.sandbox_id, status="running", resources=resources)
@@ -290,6 +313,7 @@ class LocalSubstrate:
         if spec is None:
             return
         machine.unmount_rootfs(spec)
+        self._release_volumes(record)
         spec.network.destroy()
         if keep_log and spec.console_log.exists():
             shutil.copyfile(spec.console_log, self.root / f".failed-{record.sandbox_id}.log")
@@ -365,7 +389,31 @@ def _int_required(record: SandboxRecord, key: str) -> int:
 
 
 def _volume_list(plan: dict[str, Any]) -> str:
-    return ",".join(f"{v['kind']}:{v['mountPoint']}" for v in plan["volumes"] if v["kind"] in ("ebs", "efs"))
+    """`kind:mountPoint[:sizeGiB]` for each volume the substrate provides (the root disk is the overlay)."""
+    return ",".join(
+        f"{v['kind']}:{v['mountPoint']}" + (f":{v['sizeGiB']}" if v["kind"] == "ebs" else "")
+        for v in plan["volumes"]
+        if v["kind"] in ("ebs", "efs")
+    )
+
+
+@dataclass(frozen=True)
+class LocalVolume:
+    kind: str
+    mount_point: str
+    host_dir: Path
+    image_file: Path | None
+    size_gib: int | None
+
+
+def _mounted(path: Path) -> bool:
+    return subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
+
+
+def _checked(argv: list[str], what: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SubstrateError(f"{what} failed: {result.stderr.strip() or result.stdout.strip()}")
 
 
 def _process_alive(pid: int | None) -> bool:
