@@ -7,7 +7,6 @@ typed error the CLI turns into one line. The substrate is chosen by `--substrate
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,11 +68,13 @@ def converge(
     """Make the sandbox named by `alias` (default: the profile's name) match the profile's compiled plan."""
     store = store or state_store()
     profile, merged = load_profile(reference, ProfileResolver())
-    compiled = compile_profile(profile)
     chosen = choose_substrate(substrate, profile.spec.runtime.substrate)
-    plan = json.loads(json.dumps(compiled.plan))
-    plan["sandbox"]["substrate"] = chosen
-    plan["profile"]["spec"]["runtime"]["substrate"] = chosen
+    if chosen != profile.spec.runtime.substrate:
+        # Compile for where it will really run, so the plan, its hashes and host-agent.json all agree.
+        runtime = profile.spec.runtime.model_copy(update={"substrate": chosen})
+        profile = profile.model_copy(update={"spec": profile.spec.model_copy(update={"runtime": runtime})})
+    compiled = compile_profile(profile)
+    plan = compiled.plan
     alias = alias or profile.metadata.name
     local = substrate_for(chosen, store)
     record = store.find_by_alias(alias)
@@ -87,6 +88,8 @@ def converge(
     if convergence.action == "update" and record is not None:
         return ConvergeResult(alias, convergence, local.apply_policy(record, plan_input), dry_run)
     if convergence.action == "replace" and record is not None:
+        if record.locked:
+            raise SubstrateError(f"{alias} ({record.sandbox_id}) must be replaced but is locked; `km unlock {alias}` first")
         progress(convergence.describe(alias))
         local.destroy(record, force=True)
     created = local.create(plan_input, alias, str(merged.file), progress)

@@ -125,6 +125,8 @@ def test_create_shell_update_pause_stop_resume_lock_destroy(local_env: Path, deb
         km("lock", "lifecycle")
         refused = km("destroy", "lifecycle", "--yes", check=False)
         assert refused.returncode == 1 and "is locked" in refused.stderr and "Traceback" not in refused.stderr
+        replacing = km("create", str(profile_file), check=False)  # the profile now asks for a replacement
+        assert replacing.returncode == 1 and "must be replaced but is locked" in replacing.stderr
         km("unlock", "lifecycle")
     finally:
         km("destroy", sandbox_id, "--yes", check=False)
