@@ -23,7 +23,9 @@ from controller.compiler.volumes import plan_volumes
 from controller.profile import SandboxProfile
 from host_agent.config import HostAgentConfig
 
-DEFAULT_AMI_BY_SUBSTRATE = {"ec2": "amazon-linux-2023", "local": "debian-12"}
+# A profile that names no image is written for Amazon Linux 2023 wherever it runs: on the local
+# substrate that is the image whose yum/dnf front ends run its initCommands unchanged.
+DEFAULT_AMI = "amazon-linux-2023"
 PLAN_FILES = ("plan.json", "userdata.sh", "iam-policy.json", "host-agent.json")
 # Execution fields a running sandbox takes without a rebuild (the host agent rewrites them).
 LIVE_EXECUTION_FIELDS = ("env", "configFiles")
@@ -55,7 +57,7 @@ class CompiledPlan:
 def compile_profile(profile: SandboxProfile, ami_block_device_names: Iterable[str] = ()) -> CompiledPlan:
     """Compile a valid profile. `ami_block_device_names` are the image's mapped devices, if known."""
     runtime = profile.spec.runtime
-    ami = runtime.ami or DEFAULT_AMI_BY_SUBSTRATE[runtime.substrate]
+    ami = runtime.ami or DEFAULT_AMI
     volumes = plan_volumes(profile, ami, ami_block_device_names)
     config = host_agent_config(profile)
     policy = iam_policy(profile)

@@ -183,3 +183,19 @@ def test_errors_without_a_sandbox_are_one_line(local_env: Path) -> None:
     ec2 = km("create", "goose", "--substrate", "ec2", "--dry-run", check=False)
     assert ec2.returncode == 1 and "--substrate local" in ec2.stderr
     print(textwrap.shorten(ec2.stderr, 200))
+
+
+def test_a_profile_without_an_image_runs_its_yum_commands(local_env: Path, tmp_path: Path) -> None:
+    # No network needed: the front end skips packages an image does not need, then succeeds.
+    profile = tmp_path / "al2023.yaml"
+    profile.write_text(
+        PROFILE.replace("    ami: debian-12\n", "").replace(
+            '"echo first-boot > /var/lib/km/init-ran"', '"yum install -y amazon-ssm-agent && dnf install -y amazon-efs-utils"'
+        )
+    )
+    sandbox = json.loads(km("create", str(profile), "--alias", "al2023", "--json").stdout)["sandbox"]
+    try:
+        assert sandbox["resources"]["image"].startswith("amazon-linux-2023-")
+        assert shell("al2023", "command -v yum; command -v dnf").stdout.split() == ["/usr/local/bin/yum", "/usr/local/bin/dnf"]
+    finally:
+        km("destroy", sandbox["id"], "--yes", check=False)
