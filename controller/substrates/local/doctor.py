@@ -57,9 +57,12 @@ def find_leftovers(store: StateStore, sandbox_root: Path) -> list[Leftover]:
         if match and match.group(1) not in known:
             found.append(Leftover("mount", match.group(1), target))
     if sandbox_root.is_dir():
+        deleting = _paths_being_deleted()
         for directory in sorted(sandbox_root.iterdir()):
             match = re.fullmatch(rf"(?:\.trash-)?({_ID})(?:-\d+)?", directory.name)
-            if match and (directory.name.startswith(".trash-") or match.group(1) not in known):
+            if not match or str(directory) in deleting:
+                continue  # a destroyed sandbox's disk that its background `rm` is still deleting
+            if directory.name.startswith(".trash-") or match.group(1) not in known:
                 found.append(Leftover("directory", match.group(1), str(directory)))
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
@@ -95,6 +98,19 @@ def fix(leftovers: list[Leftover]) -> None:
             subprocess.run(["ip", "netns", "del", item.detail], check=False)
         elif item.kind == "directory":
             subprocess.run(["rm", "-rf", "--one-file-system", item.detail], check=False)
+
+
+def _paths_being_deleted() -> set[str]:
+    paths = set()
+    for pid_dir in Path("/proc").iterdir():
+        if pid_dir.name.isdigit():
+            try:
+                cmdline = (pid_dir / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0] in (b"rm", b"/bin/rm", b"/usr/bin/rm"):
+                paths |= {argument.decode(errors="replace") for argument in cmdline[1:]}
+    return paths
 
 
 def _netns_names() -> list[str]:
