@@ -49,14 +49,16 @@ def _progress(message: str) -> None:
     click.echo(message, file=sys.stderr)
 
 
+def _short_duration(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def _remaining(until: datetime | None) -> str:
     if until is None:
         return "-"
     seconds = int((until - datetime.now(UTC)).total_seconds())
-    if seconds <= 0:
-        return "expired"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+    return _short_duration(seconds) if seconds > 0 else "expired"
 
 
 def _record_json(record: SandboxRecord, status: str) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def list_command(as_json: bool, wide: bool) -> None:
     header = ["#", "ALIAS", "SANDBOX ID", "STATUS", "TTL", "UP"] + (["PROFILE", "SUBSTRATE", "REGION", "IDLE"] if wide else [])
     table = [header]
     for record, status in rows:
-        up = _remaining_since(record.created_at)
+        up = _short_duration(int((datetime.now(UTC) - record.created_at).total_seconds()))
         row = [str(record.number), record.alias, record.sandbox_id, status + (" (locked)" if record.locked else ""),
                _remaining(record.ttl_expiry), up]  # fmt: skip
         if wide:
@@ -113,12 +115,6 @@ def list_command(as_json: bool, wide: bool) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-
-
-def _remaining_since(since: datetime) -> str:
-    seconds = int((datetime.now(UTC) - since).total_seconds())
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 @click.command("status")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from controller.state import StateStore
 from controller.substrates.local import machine
-from controller.substrates.local.network import NFT_TABLE
+from controller.substrates.local.network import NFT_TABLE, nat_rules
 
 _ID = r"[a-z][a-z0-9]{0,11}-[a-f0-9]{8}"
 
@@ -43,7 +43,7 @@ def find_leftovers(store: StateStore, sandbox_root: Path) -> list[Leftover]:
         match = re.fullmatch(r"kmv-([a-f0-9]{8})", name)
         if match and match.group(1) not in suffixes:
             found.append(Leftover("veth", match.group(1), name))
-    for handle, sandbox_id in _nat_rules():
+    for handle, sandbox_id in nat_rules():
         if sandbox_id not in known:
             found.append(Leftover("nat-rule", sandbox_id, f"handle {handle}"))
     for hierarchy in (machine.CGROUP_HYBRID_UNIFIED, machine.CGROUP_HYBRID_SYSTEMD, machine.CGROUP_ROOT):
@@ -64,18 +64,9 @@ def find_leftovers(store: StateStore, sandbox_root: Path) -> list[Leftover]:
                 continue  # a destroyed sandbox's disk that its background `rm` is still deleting
             if directory.name.startswith(".trash-") or match.group(1) not in known:
                 found.append(Leftover("directory", match.group(1), str(directory)))
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmdline and cmdline[0].endswith(b"systemd-nspawn"):
-            for argument in cmdline:
-                match = re.fullmatch(rf"--machine=({_ID})", argument.decode(errors="replace"))
-                if match and match.group(1) not in known:
-                    found.append(Leftover("process", match.group(1), f"systemd-nspawn pid {pid_dir.name}"))
+    for sandbox_id, pid in machine.nspawn_processes().items():
+        if re.fullmatch(_ID, sandbox_id) and sandbox_id not in known:
+            found.append(Leftover("process", sandbox_id, f"systemd-nspawn pid {pid}"))
     return found
 
 
@@ -101,16 +92,9 @@ def fix(leftovers: list[Leftover]) -> None:
 
 
 def _paths_being_deleted() -> set[str]:
-    paths = set()
-    for pid_dir in Path("/proc").iterdir():
-        if pid_dir.name.isdigit():
-            try:
-                cmdline = (pid_dir / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmdline and cmdline[0] in (b"rm", b"/bin/rm", b"/usr/bin/rm"):
-                paths |= {argument.decode(errors="replace") for argument in cmdline[1:]}
-    return paths
+    return {
+        argument for _, argv in machine.process_command_lines() if argv[0].rsplit("/", 1)[-1] == "rm" for argument in argv[1:]
+    }
 
 
 def _netns_names() -> list[str]:
@@ -121,16 +105,3 @@ def _netns_names() -> list[str]:
 def _link_names() -> list[str]:
     result = subprocess.run(["ip", "-j", "link"], capture_output=True, text=True, check=False)
     return [link["ifname"] for link in json.loads(result.stdout or "[]")] if result.returncode == 0 else []
-
-
-def _nat_rules() -> list[tuple[int, str]]:
-    result = subprocess.run(["nft", "-j", "-a", "list", "chain", "ip", NFT_TABLE, "postrouting"], capture_output=True, text=True)
-    if result.returncode != 0:
-        return []
-    rules = []
-    for item in json.loads(result.stdout).get("nftables", []):
-        rule = item.get("rule")
-        comment = rule.get("comment", "") if rule else ""
-        if comment.startswith("km:"):
-            rules.append((int(rule["handle"]), comment.removeprefix("km:")))
-    return rules

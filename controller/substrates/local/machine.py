@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,14 +77,14 @@ def mount_rootfs(spec: MachineSpec) -> None:
     upper, work = spec.directory / "upper", spec.directory / "work"
     for directory in (upper, work, spec.rootfs):
         directory.mkdir(parents=True, exist_ok=True)
-    if _is_mountpoint(spec.rootfs):
+    if is_mountpoint(spec.rootfs):
         return
     options = f"lowerdir={spec.image_rootfs},upperdir={upper},workdir={work}"
     _run(["mount", "-t", "overlay", "overlay", "-o", options, str(spec.rootfs)], "mounting the sandbox's root")
 
 
 def unmount_rootfs(spec: MachineSpec) -> None:
-    if _is_mountpoint(spec.rootfs):
+    if is_mountpoint(spec.rootfs):
         _run(["umount", str(spec.rootfs)], "unmounting the sandbox's root")
 
 
@@ -202,18 +202,32 @@ def is_running(nspawn_pid: int | None, sandbox_id: str) -> bool:
     return not zombie and f"--machine={sandbox_id}".encode() in cmdline
 
 
-def find_nspawn_pid(sandbox_id: str) -> int | None:
-    """The nspawn process of a machine, found by its command line (for a create killed before it recorded it)."""
-    marker = f"--machine={sandbox_id}".encode()
+def process_command_lines() -> Iterator[tuple[int, list[str]]]:
+    """(pid, argv) of every process on the host that can still be read."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                raw = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmdline and cmdline[0].endswith(b"systemd-nspawn") and marker in cmdline:
-                return int(entry.name)
-    return None
+            if raw:
+                yield int(entry.name), raw.rstrip(b"\0").decode(errors="replace").split("\0")
+
+
+def nspawn_processes() -> dict[str, int]:
+    """Sandbox id → pid of every km machine's nspawn, found by its command line."""
+    found = {}
+    for pid, argv in process_command_lines():
+        if argv[0].endswith("systemd-nspawn"):
+            for argument in argv:
+                if argument.startswith("--machine="):
+                    found[argument.removeprefix("--machine=")] = pid
+    return found
+
+
+def find_nspawn_pid(sandbox_id: str) -> int | None:
+    """The nspawn process of a machine (for a create killed before it recorded the pid)."""
+    return nspawn_processes().get(sandbox_id)
 
 
 def stop(nspawn_pid: int | None, leader_pid: int | None, sandbox_id: str, timeout: float = 30) -> None:
@@ -284,7 +298,7 @@ def login_shell_command(command: Sequence[str] | None) -> list[str]:
 
 def _ensure_host_mounts() -> None:
     NSPAWN_RUN_DIR.mkdir(parents=True, exist_ok=True)
-    if not _is_mountpoint(NSPAWN_RUN_DIR) and not _run_dir_is_tmpfs():
+    if not is_mountpoint(NSPAWN_RUN_DIR) and not _run_dir_is_tmpfs():
         _run(["mount", "-t", "tmpfs", "tmpfs", str(NSPAWN_RUN_DIR)], "mounting a tmpfs on /run/systemd/nspawn")
 
 
@@ -350,7 +364,7 @@ def _remove_cgroup(directory: Path, timeout: float = 10) -> None:
             time.sleep(0.05)  # processes are still leaving it
 
 
-def _is_mountpoint(path: Path) -> bool:
+def is_mountpoint(path: Path) -> bool:
     return subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
 
 

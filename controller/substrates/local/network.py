@@ -74,7 +74,7 @@ class SandboxNetwork:
 
     def destroy(self) -> None:
         """Remove the namespace, the veth and the NAT rule; absent pieces are fine."""
-        for handle in _rule_handles(f"km:{self.sandbox_id}"):
+        for handle in (handle for handle, owner in nat_rules() if owner == self.sandbox_id):
             _run(["nft", "delete", "rule", "ip", NFT_TABLE, "postrouting", "handle", str(handle)])
         subprocess.run(["ip", "link", "del", self.host_interface], capture_output=True, check=False)
         if self.namespace_path.exists():
@@ -91,16 +91,17 @@ def _ensure_nat_table() -> None:
     _run(["nft", "-f", "-"], stdin=script)
 
 
-def _rule_handles(comment: str) -> list[int]:
+def nat_rules() -> list[tuple[int, str]]:
+    """(handle, sandbox id) of every km masquerade rule; none when the table does not exist yet."""
     result = subprocess.run(["nft", "-j", "-a", "list", "chain", "ip", NFT_TABLE, "postrouting"], capture_output=True, text=True)
     if result.returncode != 0:
-        return []  # no table yet: nothing of ours to remove
-    handles = []
+        return []
+    rules = []
     for item in json.loads(result.stdout).get("nftables", []):
-        rule = item.get("rule")
-        if rule and rule.get("comment") == comment:
-            handles.append(int(rule["handle"]))
-    return handles
+        comment = item.get("rule", {}).get("comment", "")
+        if comment.startswith("km:"):
+            rules.append((int(item["rule"]["handle"]), comment.removeprefix("km:")))
+    return rules
 
 
 def _run(argv: list[str], stdin: str | None = None) -> None:

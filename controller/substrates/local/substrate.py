@@ -207,7 +207,7 @@ class LocalSubstrate:
     def _prepare_volumes(self, record: SandboxRecord) -> None:
         for volume in self._volumes(record):
             volume.host_dir.mkdir(parents=True, exist_ok=True)
-            if volume.image_file is None or _mounted(volume.host_dir):
+            if volume.image_file is None or machine.is_mountpoint(volume.host_dir):
                 continue
             if not volume.image_file.exists():
                 with volume.image_file.open("wb") as image:
@@ -220,7 +220,7 @@ class LocalSubstrate:
 
     def _release_volumes(self, record: SandboxRecord) -> None:
         for volume in self._volumes(record):
-            if volume.image_file is not None and _mounted(volume.host_dir):
+            if volume.image_file is not None and machine.is_mountpoint(volume.host_dir):
                 _checked(["umount", str(volume.host_dir)], f"unmounting the {volume.mount_point} volume")
 
     def _write_first_boot_files(self, spec: MachineSpec, record: SandboxRecord, compiled: PlanInput) -> None:
@@ -404,10 +404,6 @@ class LocalVolume:
     host_dir: Path
     image_file: Path | None
     size_gib: int | None
-
-
-def _mounted(path: Path) -> bool:
-    return subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
 
 
 def _checked(argv: list[str], what: str) -> None:
