@@ -1,7 +1,9 @@
-"""The daemon's main loop: load the policy, tell systemd it is ready, pet the watchdog, reload on SIGHUP.
+"""The daemon's main loop: load the policy, start the components, tell systemd it is ready, pet the watchdog.
 
-Components (gatekeeper, capture, supervisor, outbox) plug in here in later steps; this loop owns the
-process lifecycle they share, so each component only has to start, reload and stop.
+Components (agent runs and their control socket, the outbox; the gatekeeper and capture later) start
+before READY=1, so `systemctl start` returning means the sandbox can take runs. The loop takes signals
+synchronously (`sigtimedwait`), so there are no handlers racing it, and between signals it reconciles
+runs whose wrapper died unrecorded. The components' threads inherit the blocked signal mask.
 """
 
 from __future__ import annotations
@@ -11,70 +13,155 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from host_agent.config import HostAgentConfig, load_config
+from host_agent.config import CONFIG_PATH, SANDBOX_ENV_PATH, HostAgentConfig, SandboxIdentity, load_config, load_identity
+from host_agent.control import CONTROL_SOCKET, ControlServer
+from host_agent.runs.layout import TERMINAL, all_runs
+from host_agent.runs.sessions import TMUX_SOCKET, RunSessions
 from host_agent.sdnotify import notify, watchdog_interval_seconds
 from host_agent.version import __version__
 
 log = logging.getLogger("km-host-agent")
+RECONCILE_INTERVAL_SECONDS = 2.0
 
 
 class _JournalFormatter(logging.Formatter):
     """One JSON object per line: the journal keeps lines, operators grep and parse them."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = {"level": record.levelname.lower(), "message": record.getMessage()}
+        fields = {"level": record.levelname.lower(), "message": record.getMessage(), "logger": record.name}
         fields.update(getattr(record, "fields", {}))
-        return json.dumps(fields, sort_keys=True)
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        return json.dumps(fields, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class DaemonPaths:
+    """Where the daemon finds and keeps things; the defaults are the sandbox's, tests point them elsewhere."""
+
+    config: Path = CONFIG_PATH
+    identity: Path = SANDBOX_ENV_PATH
+    control_socket: Path = CONTROL_SOCKET
+    tmux_socket: Path = TMUX_SOCKET
+    state_dir: Path = field(default_factory=lambda: Path("/var/lib/km-host-agent"))
+    sandbox_user: str = "sandbox"
 
 
 class Daemon:
-    """Signals are taken synchronously (`sigtimedwait`), so there are no handlers racing the loop."""
-
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, config_path: Path) -> None:
-        self.config_path = config_path
+    def __init__(self, paths: DaemonPaths) -> None:
+        self.paths = paths
         self.config: HostAgentConfig | None = None
+        self.identity: SandboxIdentity | None = None
+        self.runs: Any = None
+        self.outbox: Any = None
+        self.control: ControlServer | None = None
 
     def run(self) -> int:
         try:
-            self.config = load_config(self.config_path)
+            self.config = load_config(self.paths.config)
+            self.identity = load_identity(self.paths.identity)
         except (OSError, ValueError) as error:  # ValueError: ValidationError, undecodable bytes
-            log.error("cannot load config", extra={"fields": {"config": str(self.config_path), "error": str(error)}})
+            log.error("cannot load config", extra={"fields": {"config": str(self.paths.config), "error": str(error)}})
             return 1
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)  # before any thread starts: they inherit it
+        self._start_components(self.config, self.identity)
         notify("READY=1", f"STATUS=enforcing profile {self.config.profile}")
         log.info("ready", extra={"fields": {"version": __version__, "profile": self.config.profile}})
-        interval = watchdog_interval_seconds() or 5.0
+        interval = min(watchdog_interval_seconds() or 5.0, RECONCILE_INTERVAL_SECONDS)
         while True:
             notify("WATCHDOG=1")
             received = signal.sigtimedwait(self.SIGNALS, interval)
             if received is None:
+                self._reconcile()
                 continue
             if received.si_signo == signal.SIGHUP:
                 self._reload()
                 continue
             break
         notify("STOPPING=1")
+        self._stop_components()
         log.info("stopped", extra={"fields": {"profile": self.config.profile}})
         return 0
+
+    def _start_components(self, config: HostAgentConfig, identity: SandboxIdentity) -> None:
+        from host_agent.runs.service import AgentRuns
+
+        self.runs = AgentRuns(config, identity, RunSessions(self.paths.tmux_socket), user_name=self.paths.sandbox_user)
+        self._reconcile()
+        if identity.artifacts_uri:
+            from host_agent.outbox import Outbox, target_for
+
+            self.outbox = Outbox(
+                self.runs.root, identity.sandbox_id, target_for(identity.artifacts_uri), self.paths.state_dir / "outbox"
+            )
+            self.outbox.start()
+        self.control = ControlServer(self._handle, self.paths.control_socket)
+        self.control.start()
+
+    def _stop_components(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+        if self.outbox is not None:
+            self.outbox.stop()
+
+    def _reconcile(self) -> None:
+        if self.runs is None:
+            return
+        try:
+            self.runs.reconcile()
+        except Exception:  # one bad run dir must not stop the daemon or its watchdog
+            log.exception("reconciling runs failed")
+
+    def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control operations; read-only queries need no daemon and are answered from files by the CLI."""
+        operation = request.get("op")
+        if operation == "run":
+            run = self.runs.start(
+                prompt=str(request.get("prompt", "")),
+                agent=request.get("agent"),
+                agent_cmd=request.get("agent_cmd"),
+                no_bedrock=request.get("no_bedrock"),
+            )
+            return {"ok": True, "run_id": run.run_id, "run_dir": str(run.path), "session": f"km-agent-{run.run_id}"}
+        if operation == "cancel":
+            run = self.runs.cancel(request.get("run_id"))
+            return {"ok": True, "run_id": run.run_id, "run_dir": str(run.path)}
+        if operation == "health":
+            return {"ok": True, **self.health()}
+        raise ValueError(f"unknown operation {operation!r}: run, cancel or health")
+
+    def health(self) -> dict[str, Any]:
+        assert self.config is not None
+        active = [run.run_id for run in all_runs(self.runs.root) if run.status() not in TERMINAL] if self.runs else []
+        return {
+            "version": __version__,
+            "profile": self.config.profile,
+            "active_runs": active,
+            "outbox": self.outbox.stats() if self.outbox is not None else None,
+        }
 
     def _reload(self) -> None:
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            self.config = load_config(self.config_path)
+            self.config = load_config(self.paths.config)
         except (OSError, ValueError) as error:  # ValueError: ValidationError, undecodable bytes
             # Keep enforcing the policy we have: a bad file must never loosen anything.
             log.error("reload refused; keeping the current policy", extra={"fields": {"error": str(error)}})
         else:
+            if self.runs is not None:
+                self.runs.config = self.config
             log.info("reloaded", extra={"fields": {"profile": self.config.profile}})
         notify("READY=1")
 
 
-def run_daemon(config_path: Path) -> int:
+def run_daemon(paths: DaemonPaths) -> int:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_JournalFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    return Daemon(config_path).run()
+    return Daemon(paths).run()

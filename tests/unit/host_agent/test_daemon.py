@@ -84,6 +84,17 @@ class NotifySocket:
         self.socket.close()
 
 
+def _sandbox_paths(directory: Path) -> list[str]:
+    """The identity file and runtime paths the daemon would find in a sandbox, made for this test."""
+    identity = directory / "sandbox.env"
+    identity.write_text("KM_SANDBOX_ID=sb-0000test\n")
+    runtime = Path(tempfile.mkdtemp(prefix="km-daemon-"))  # socket paths must stay under 108 bytes
+    return [
+        "--identity", str(identity), "--control-socket", str(runtime / "control.sock"),
+        "--tmux-socket", str(runtime / "tmux.sock"), "--state-dir", str(directory / "state"),
+    ]  # fmt: skip
+
+
 class Agent:
     """`python -m host_agent.cli daemon --config FILE`, its stdout read line by line on a thread."""
 
@@ -94,7 +105,7 @@ class Agent:
         if watchdog_usec is not None:
             env["WATCHDOG_USEC"] = watchdog_usec
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "host_agent.cli", "daemon", "--config", str(config)],
+            [sys.executable, "-m", "host_agent.cli", "daemon", "--config", str(config), *_sandbox_paths(config.parent)],
             cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -265,7 +276,12 @@ def test_sighup_with_a_changed_config_reloads_it(
     [monotonic] = [line for line in reloading if line.startswith("MONOTONIC_USEC=")]
     assert 0 < int(monotonic.removeprefix("MONOTONIC_USEC=")) <= time.monotonic_ns() // 1000
     assert notify_socket.wait_for("READY=1")[-1] == ["READY=1"]
-    assert agent.wait_for_log("reloaded") == {"level": "info", "message": "reloaded", "profile": "claude"}
+    assert agent.wait_for_log("reloaded") == {
+        "level": "info",
+        "message": "reloaded",
+        "profile": "claude",
+        "logger": "km-host-agent",
+    }
 
     # Still running and still petting the watchdog; it stops with the new policy's name.
     assert states(notify_socket.drain(0.5)).count("WATCHDOG=1") >= 1
@@ -346,7 +362,7 @@ def test_sigterm_and_sigint_stop_it_cleanly(
     agent.signal(signum)
     assert notify_socket.wait_for("STOPPING=1")[-1] == ["STOPPING=1"]
     assert agent.exit_code() == 0
-    assert agent.wait_for_log("stopped") == {"level": "info", "message": "stopped", "profile": "goose"}
+    assert agent.wait_for_log("stopped") == {"level": "info", "message": "stopped", "profile": "goose", "logger": "km-host-agent"}
     assert agent.stderr() == ""
 
 
