@@ -90,7 +90,7 @@ def unmount_rootfs(spec: MachineSpec) -> None:
 
 def boot(spec: MachineSpec, timeout: float, progress: Progress = lambda _: None) -> tuple[int, int]:
     """Start the machine and wait for its systemd's READY=1; returns (nspawn pid, leader pid)."""
-    _ensure_host_mounts()
+    ensure_host_mounts()
     cgroups = cgroup_dirs(spec.sandbox_id)
     for directory in cgroups:
         directory.mkdir(exist_ok=True)
@@ -122,14 +122,15 @@ def boot(spec: MachineSpec, timeout: float, progress: Progress = lambda _: None)
     return process.pid, leader
 
 
-def nspawn_command(spec: MachineSpec) -> list[str]:
+def nspawn_command(spec: MachineSpec, register: bool = False) -> list[str]:
+    """nspawn's argv; `register` lets it register with systemd-machined (only where the host runs systemd)."""
     argv = [
         "systemd-nspawn",
         f"--directory={spec.rootfs}",
         "--boot",
         f"--machine={spec.sandbox_id}",
         f"--hostname={spec.hostname}",
-        "--register=no",
+        f"--register={'yes' if register else 'no'}",
         "--keep-unit",
         "--console=read-only",
         "--notify-ready=yes",
@@ -157,10 +158,10 @@ def _wait_ready(
     leader: int | None = None
     seen = offset
     while time.monotonic() < deadline:
-        seen = _report_console(spec.console_log, seen, progress)
+        seen = report_console(spec.console_log, seen, progress)
         if process.poll() is not None:
             raise MachineError(
-                f"systemd-nspawn exited with {process.returncode} before the machine was ready:\n{_tail(spec.console_log)}"
+                f"systemd-nspawn exited with {process.returncode} before the machine was ready:\n{console_tail(spec.console_log)}"
             )
         try:
             message = notify_socket.recv(4096).decode(errors="replace")
@@ -170,12 +171,12 @@ def _wait_ready(
             if line.startswith("X_NSPAWN_LEADER_PID="):
                 leader = int(line.split("=", 1)[1])
             if line == "READY=1" and leader is not None:
-                _report_console(spec.console_log, seen, progress)
+                report_console(spec.console_log, seen, progress)
                 return leader
-    raise MachineError(f"the machine did not finish booting within {timeout:.0f}s:\n{_tail(spec.console_log)}")
+    raise MachineError(f"the machine did not finish booting within {timeout:.0f}s:\n{console_tail(spec.console_log)}")
 
 
-def _report_console(console_log: Path, seen: int, progress: Progress) -> int:
+def report_console(console_log: Path, seen: int, progress: Progress) -> int:
     """Pass first-boot progress lines (userdata and initCommands) on to the operator."""
     try:
         with console_log.open("rb") as stream:
@@ -215,14 +216,26 @@ def process_command_lines() -> Iterator[tuple[int, list[str]]]:
 
 
 def nspawn_processes() -> dict[str, int]:
-    """Sandbox id → pid of every km machine's nspawn, found by its command line."""
+    """Sandbox id → pid of every km machine's nspawn, found by its command line.
+
+    Only nspawns in km's own PID namespace count: one inside a container belongs to the km running
+    in that container (a systemd test host, an operator's nested setup), not to this one.
+    """
     found = {}
+    own_namespace = _pid_namespace("self")
     for pid, argv in process_command_lines():
-        if argv[0].endswith("systemd-nspawn"):
+        if argv[0].endswith("systemd-nspawn") and _pid_namespace(str(pid)) == own_namespace:
             for argument in argv:
                 if argument.startswith("--machine="):
                     found[argument.removeprefix("--machine=")] = pid
     return found
+
+
+def _pid_namespace(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
 
 
 def find_nspawn_pid(sandbox_id: str) -> int | None:
@@ -296,7 +309,8 @@ def login_shell_command(command: Sequence[str] | None) -> list[str]:
     return ["/bin/bash", "--login", "-c", shlex.join(command)]
 
 
-def _ensure_host_mounts() -> None:
+def ensure_host_mounts() -> None:
+    """nspawn refuses to work under /run/systemd/nspawn unless it is a tmpfs, which hosts without systemd lack."""
     NSPAWN_RUN_DIR.mkdir(parents=True, exist_ok=True)
     if not is_mountpoint(NSPAWN_RUN_DIR) and not _run_dir_is_tmpfs():
         _run(["mount", "-t", "tmpfs", "tmpfs", str(NSPAWN_RUN_DIR)], "mounting a tmpfs on /run/systemd/nspawn")
@@ -368,7 +382,7 @@ def is_mountpoint(path: Path) -> bool:
     return subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
 
 
-def _tail(file: Path, lines: int = 30) -> str:
+def console_tail(file: Path, lines: int = 30) -> str:
     try:
         return "\n".join(file.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:

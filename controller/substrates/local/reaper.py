@@ -22,6 +22,7 @@ from pathlib import Path
 
 from controller.state import SandboxRecord, StateStore, default_state_path
 from controller.substrates.local import machine
+from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.substrate import LocalSubstrate
 
 Log = Callable[[str], None]
@@ -35,7 +36,7 @@ def reaper_pid_file() -> Path:
 def agent_slice_busy(sandbox_id: str) -> bool:
     """Whether anything runs in the machine's agent slice (seen from the host's cgroup tree)."""
     try:
-        unified = machine.unified_cgroup(sandbox_id)
+        unified = host_launcher().cgroup(sandbox_id)
     except machine.MachineError:
         return False
     for events in unified.glob(f"**/{machine.AGENT_SLICE}/cgroup.events"):

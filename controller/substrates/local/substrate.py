@@ -24,6 +24,7 @@ from controller.images.recipe import recipe_names
 from controller.images.store import Image, ImageStore
 from controller.state import SandboxRecord, StateStore, new_sandbox_id
 from controller.substrates.local import machine
+from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.machine import MachineError, MachineSpec
 from controller.substrates.local.network import MAX_SLOTS, SandboxNetwork
 
@@ -112,7 +113,7 @@ class LocalSubstrate:
         has_init = bool(plan["profile"]["spec"]["execution"].get("initCommands"))
         timeout = INIT_COMMANDS_TIMEOUT_SECONDS if has_init else BOOT_TIMEOUT_SECONDS
         progress(f"{record.sandbox_id}: booting" + (" (first boot runs the profile's initCommands)" if has_init else ""))
-        nspawn_pid, leader_pid = machine.boot(spec, timeout, progress)
+        nspawn_pid, leader_pid = host_launcher().boot(spec, timeout, progress)
         record = self.store.update(
             record.sandbox_id,
             resources={**record.resources, "nspawn_pid": str(nspawn_pid), "leader_pid": str(leader_pid),
@@ -276,7 +277,8 @@ class LocalSubstrate:
         _require_root()
         if record.locked:
             raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is locked; `km unlock {record.alias}` first")
-        machine.stop(_int(record.resources.get("nspawn_pid")), _int(record.resources.get("leader_pid")), record.sandbox_id)
+        resources = record.resources
+        host_launcher().stop(_int(resources.get("nspawn_pid")), _int(resources.get("leader_pid")), record.sandbox_id)
         machine.unmount_rootfs(self.machine_spec(record))
         self._release_volumes(record)
         return self.store.update(record.sandbox_id, status="stopped")
@@ -286,7 +288,7 @@ class LocalSubstrate:
         _require_root()
         if self.observe(record) != "running":
             raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is {self.observe(record)}, not running")
-        machine.freeze(record.sandbox_id)
+        host_launcher().freeze(record.sandbox_id)
         return self.store.update(record.sandbox_id, status="paused")
 
     def resume(self, record: SandboxRecord, progress: Progress = lambda _: None) -> SandboxRecord:
@@ -295,21 +297,21 @@ class LocalSubstrate:
         if status == "running":
             return self.store.update(record.sandbox_id, status="running")
         if status == "paused":
-            machine.thaw(record.sandbox_id)
+            host_launcher().thaw(record.sandbox_id)
             return self.store.update(record.sandbox_id, status="running")
         spec = self.machine_spec(record)
         if not spec.network.exists():
             spec.network.create()
         machine.mount_rootfs(spec)
         self._prepare_volumes(record)
-        nspawn_pid, leader_pid = machine.boot(spec, BOOT_TIMEOUT_SECONDS, progress)
+        nspawn_pid, leader_pid = host_launcher().boot(spec, BOOT_TIMEOUT_SECONDS, progress)
         resources = {**record.resources, "nspawn_pid": str(nspawn_pid), "leader_pid": str(leader_pid)}
         return self.store.update(record.sandbox_id, status="running", resources=resources)
 
     def _teardown(self, record: SandboxRecord, keep_log: bool) -> None:
         resources = record.resources
         spec = self.machine_spec(record, Path("/nonexistent")) if "slot" in resources else None
-        machine.stop(_int(resources.get("nspawn_pid")), _int(resources.get("leader_pid")), record.sandbox_id)
+        host_launcher().stop(_int(resources.get("nspawn_pid")), _int(resources.get("leader_pid")), record.sandbox_id)
         if spec is None:
             return
         machine.unmount_rootfs(spec)
@@ -327,10 +329,11 @@ class LocalSubstrate:
         """
         if record.status == "starting" and _process_alive(_int(record.resources.get("creator_pid"))):
             return "creating"
-        running = machine.is_running(_int(record.resources.get("nspawn_pid")), record.sandbox_id)
+        launcher = host_launcher()
+        running = launcher.is_running(_int(record.resources.get("nspawn_pid")), record.sandbox_id)
         if record.status in ("running", "paused") and not running:
             return "stopped"
-        if running and machine.is_frozen(record.sandbox_id):
+        if running and launcher.is_frozen(record.sandbox_id):
             return "paused"
         return record.status
 
