@@ -1,8 +1,9 @@
 """`km doctor --local`: find (and with --fix remove) what local sandboxes left on this host.
 
 Everything a local sandbox makes carries its id in its name: the network namespace `km-<id>`, the
-veth `kmv-<hex>`, the nftables rule commented `km:<id>`, the cgroups `km-nspawn-<id>`, the overlay
-mount and the directory under the sandbox root. Anything of that shape whose id has no record in the
+veth `kmv-<hex>`, the nftables rule commented `km:<id>`, the cgroups `km-nspawn-<id>` (or, on a host
+run by systemd, the unit `km-sandbox-<id>.service`), the overlay mount and the directory under the
+sandbox root. Anything of that shape whose id has no record in the
 state store is an orphan: a killed create, a crashed km, a deleted state file.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.state import StateStore
-from controller.substrates.local import machine
+from controller.substrates.local import machine, systemd_launch
 from controller.substrates.local.network import NFT_TABLE, nat_rules
 
 _ID = r"[a-z][a-z0-9]{0,11}-[a-f0-9]{8}"
@@ -23,7 +24,7 @@ _ID = r"[a-z][a-z0-9]{0,11}-[a-f0-9]{8}"
 
 @dataclass(frozen=True)
 class Leftover:
-    kind: str  # netns, veth, nat-rule, cgroup, mount, directory, process
+    kind: str  # netns, veth, nat-rule, unit, cgroup, mount, directory, process
     sandbox_id: str
     detail: str
 
@@ -64,17 +65,23 @@ def find_leftovers(store: StateStore, sandbox_root: Path) -> list[Leftover]:
                 continue  # a destroyed sandbox's disk that its background `rm` is still deleting
             if directory.name.startswith(".trash-") or match.group(1) not in known:
                 found.append(Leftover("directory", match.group(1), str(directory)))
+    units = systemd_launch.leftover_units() if systemd_launch.systemd_booted() else {}
+    for sandbox_id, unit in sorted(units.items()):
+        if sandbox_id not in known:
+            found.append(Leftover("unit", sandbox_id, unit))
     for sandbox_id, pid in machine.nspawn_processes().items():
-        if re.fullmatch(_ID, sandbox_id) and sandbox_id not in known:
+        if re.fullmatch(_ID, sandbox_id) and sandbox_id not in known and sandbox_id not in units:  # a unit owns it
             found.append(Leftover("process", sandbox_id, f"systemd-nspawn pid {pid}"))
     return found
 
 
 def fix(leftovers: list[Leftover]) -> None:
-    """Remove leftovers in dependency order: processes, cgroups, mounts, network, directories."""
-    order = ["process", "cgroup", "mount", "nat-rule", "veth", "netns", "directory"]
+    """Remove leftovers in dependency order: units and processes, cgroups, mounts, network, directories."""
+    order = ["unit", "process", "cgroup", "mount", "nat-rule", "veth", "netns", "directory"]
     for item in sorted(leftovers, key=lambda leftover: order.index(leftover.kind)):
-        if item.kind == "process":
+        if item.kind == "unit":
+            systemd_launch.SystemdLauncher().stop(None, None, item.sandbox_id)
+        elif item.kind == "process":
             machine.stop(int(item.detail.rsplit(" ", 1)[-1]), None, item.sandbox_id, timeout=10)
         elif item.kind == "cgroup":
             machine.stop(None, None, item.sandbox_id, timeout=10)  # kills what is left in it and removes it
