@@ -12,6 +12,7 @@ import builtins
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,12 +62,11 @@ _UPDATE = f"UPDATE sandboxes SET {', '.join(f'{name} = :{name}' for name in _COL
 
 
 class SQLiteStateStore:
-    """`StateStore` on a SQLite file; safe for many processes at once, one thread per store object."""
+    """`StateStore` on a SQLite file; safe for many processes at once, and for threads (one connection each)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._connection: sqlite3.Connection | None = None
-        self._pid: int | None = None
+        self._local = threading.local()  # sqlite3 connections must stay in the thread that opened them
         # Connections opened before a fork belong to the parent: kept referenced so the child never closes them.
         self._inherited: builtins.list[sqlite3.Connection] = []
 
@@ -127,11 +127,12 @@ class SQLiteStateStore:
             connection.execute("DELETE FROM sandboxes WHERE sandbox_id = ?", (sandbox_id,))
 
     def close(self) -> None:
-        """Close this process's connection; the store reopens one if used again."""
-        if self._connection is not None and self._pid == os.getpid():
-            self._connection.close()
-        self._connection = None
-        self._pid = None
+        """Close this thread's connection; the store reopens one if used again."""
+        current: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if current is not None and getattr(self._local, "pid", None) == os.getpid():
+            current.close()
+        self._local.connection = None
+        self._local.pid = None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -159,12 +160,13 @@ class SQLiteStateStore:
             connection.commit()
 
     def _connect(self) -> sqlite3.Connection:
-        if self._connection is not None and self._pid == os.getpid():
-            return self._connection
-        if self._connection is not None:
-            self._inherited.append(self._connection)
+        current: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if current is not None and getattr(self._local, "pid", None) == os.getpid():
+            return current
+        if current is not None:
+            self._inherited.append(current)
         connection = self._open()
-        self._connection, self._pid = connection, os.getpid()
+        self._local.connection, self._local.pid = connection, os.getpid()
         return connection
 
     def _open(self) -> sqlite3.Connection:

@@ -402,3 +402,22 @@ def test_a_store_used_before_fork_works_in_the_child_and_after_in_the_parent(
     assert child.exitcode == 0
     assert [record.alias for record in store.list()] == ["parent", "child"]
     assert store.update(parent_record.sandbox_id, status="running").status == "running"
+
+
+def test_one_store_object_can_be_used_from_another_thread(store: SQLiteStateStore, make_record: MakeRecord) -> None:
+    """`km agent run --wait` touches the record from a keep-alive thread while the main thread waits."""
+    record = store.insert(make_record())
+    errors: list[BaseException] = []
+
+    def touch() -> None:
+        try:
+            store.update(record.sandbox_id, resources={"last_active": "2026-11-27T00:00:00+00:00"})
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=touch)
+    thread.start()
+    thread.join(timeout=10)
+    assert errors == []
+    found = store.get(record.sandbox_id)
+    assert found.resources["last_active"] == "2026-11-27T00:00:00+00:00"
