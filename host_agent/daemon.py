@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from host_agent.config import CONFIG_PATH, SANDBOX_ENV_PATH, HostAgentConfig, SandboxIdentity, load_config, load_identity
 from host_agent.control import CONTROL_SOCKET, ControlServer
@@ -23,6 +23,9 @@ from host_agent.runs.layout import TERMINAL, all_runs
 from host_agent.runs.sessions import TMUX_SOCKET, RunSessions
 from host_agent.sdnotify import notify, watchdog_interval_seconds
 from host_agent.version import __version__
+
+if TYPE_CHECKING:
+    from host_agent.outbox import Outbox
 
 log = logging.getLogger("km-host-agent")
 RECONCILE_INTERVAL_SECONDS = 2.0
@@ -59,7 +62,8 @@ class Daemon:
         self.config: HostAgentConfig | None = None
         self.identity: SandboxIdentity | None = None
         self.runs: Any = None
-        self.outbox: Any = None
+        self.outbox: Outbox | None = None
+        self.outbox_error: str | None = None
         self.control: ControlServer | None = None
 
     def run(self) -> int:
@@ -97,10 +101,17 @@ class Daemon:
         if identity.artifacts_uri:
             from host_agent.outbox import Outbox, target_for
 
-            self.outbox = Outbox(
-                self.runs.root, identity.sandbox_id, target_for(identity.artifacts_uri), self.paths.state_dir / "outbox"
-            )
-            self.outbox.start()
+            try:
+                self.outbox = Outbox(
+                    self.runs.root,
+                    identity.sandbox_id,
+                    target_for(identity.artifacts_uri, region=config.region),
+                    self.paths.state_dir / "outbox",
+                )
+                self.outbox.start()
+            except Exception as error:  # runs still work and keep their results in the sandbox; say so loudly
+                self.outbox, self.outbox_error = None, f"{type(error).__name__}: {error}"
+                log.error("outbox not started; results stay in the sandbox", extra={"fields": {"error": self.outbox_error}})
         self.control = ControlServer(self._handle, self.paths.control_socket)
         self.control.start()
 
@@ -143,7 +154,7 @@ class Daemon:
             "version": __version__,
             "profile": self.config.profile,
             "active_runs": active,
-            "outbox": self.outbox.stats() if self.outbox is not None else None,
+            "outbox": self.outbox.stats() if self.outbox is not None else {"error": self.outbox_error},
         }
 
     def _reload(self) -> None:

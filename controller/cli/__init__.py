@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from controller.cli.agent_commands import agent_group
 from controller.cli.compile_command import compile_command
 from controller.cli.profile_commands import profile_group, validate_command
 from controller.cli.sandbox_commands import SANDBOX_COMMANDS, destroy_command, resume_command
@@ -21,6 +22,7 @@ def cli() -> None:
 cli.add_command(validate_command)
 cli.add_command(profile_group)
 cli.add_command(compile_command)
+cli.add_command(agent_group)
 for command in SANDBOX_COMMANDS:
     cli.add_command(command)
 cli.add_command(destroy_command, name="kill")

@@ -11,6 +11,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
+from controller.agents import AgentRunError
 from controller.cli.output import print_json, report_findings
 from controller.converge import SandboxBusy
 from controller.images.chroot import BakeError
@@ -22,7 +23,7 @@ from controller.substrates.local.substrate import SubstrateError, host_agent_act
 
 P = ParamSpec("P")
 R = TypeVar("R")
-OPERATOR_ERRORS = (SubstrateError, MachineError, NetworkError, StateError, BakeError, SandboxBusy)
+OPERATOR_ERRORS = (AgentRunError, SubstrateError, MachineError, NetworkError, StateError, BakeError, SandboxBusy)
 
 
 def operator_errors(function: Callable[P, R]) -> Callable[P, R]:

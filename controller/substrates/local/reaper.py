@@ -27,6 +27,7 @@ from controller.substrates.local.substrate import LocalSubstrate
 
 Log = Callable[[str], None]
 INTERVAL_SECONDS = 5.0
+AGENT_TMUX_UNIT = "km-agent-tmux.service"
 
 
 def reaper_pid_file() -> Path:
@@ -39,9 +40,15 @@ def agent_slice_busy(sandbox_id: str) -> bool:
         unified = host_launcher().cgroup(sandbox_id)
     except machine.MachineError:
         return False
-    for events in unified.glob(f"**/{machine.AGENT_SLICE}/cgroup.events"):
-        if "populated 1" in events.read_text():
-            return True
+    for slice_dir in unified.glob(f"**/{machine.AGENT_SLICE}"):
+        for events in slice_dir.glob("*/cgroup.events"):
+            if "populated 1" not in events.read_text():
+                continue
+            if events.parent.name != AGENT_TMUX_UNIT:
+                return True
+            # km's tmux server idles there between runs: only what runs under it is activity.
+            if len((events.parent / "cgroup.procs").read_text().split()) > 1:
+                return True
     return False
 
 

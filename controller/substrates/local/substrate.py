@@ -31,6 +31,11 @@ from controller.substrates.local.network import MAX_SLOTS, SandboxNetwork
 Progress = Callable[[str], None]
 SANDBOX_DIR_ENV = "KM_SANDBOX_DIR"
 DEFAULT_SANDBOX_DIR = Path("/var/lib/km/sandboxes")
+ARTIFACTS_DIR_ENV = "KM_ARTIFACTS_DIR"  # default: `artifacts` beside the sandboxes directory
+# Inside the machine: the outbox's file target (the local analog of the artifacts bucket).
+SANDBOX_ARTIFACTS_DIR = "/var/lib/km/artifacts"
+HOST_AGENT_COMMAND = "/usr/local/bin/km-host-agent"
+AGENT_TMUX_SOCKET = "/run/km-agent/tmux.sock"
 BOOT_TIMEOUT_SECONDS = 120
 INIT_COMMANDS_TIMEOUT_SECONDS = 1800
 
@@ -56,6 +61,7 @@ class LocalSubstrate:
         self.store = store
         self.images = images or ImageStore()
         self.root = root or sandbox_root()
+        self.artifacts = Path(os.environ.get(ARTIFACTS_DIR_ENV) or self.root.parent / "artifacts")
 
     # ---- create -------------------------------------------------------------------------------
     def create(
@@ -203,9 +209,14 @@ class LocalSubstrate:
         return volumes
 
     def _binds(self, record: SandboxRecord) -> list[tuple[Path, str]]:
-        return [(volume.host_dir, volume.mount_point) for volume in self._volumes(record)]
+        """Volumes, and the sandbox's own corner of the artifacts store (it sees no other sandbox's)."""
+        binds = [(volume.host_dir, volume.mount_point) for volume in self._volumes(record)]
+        runs = self.agent_runs_dir(record)
+        binds.append((runs, f"{SANDBOX_ARTIFACTS_DIR}/agent-runs/{record.sandbox_id}"))
+        return binds
 
     def _prepare_volumes(self, record: SandboxRecord) -> None:
+        self.agent_runs_dir(record).mkdir(parents=True, exist_ok=True)
         for volume in self._volumes(record):
             volume.host_dir.mkdir(parents=True, exist_ok=True)
             if volume.image_file is None or machine.is_mountpoint(volume.host_dir):
@@ -235,6 +246,7 @@ class LocalSubstrate:
             "KM_REGION": record.region,
             "KM_RESOURCE_PREFIX": "km",
             "KM_EFS_ID": "local",
+            "KM_ARTIFACTS_URI": f"file://{SANDBOX_ARTIFACTS_DIR}",
         }
         (etc_km / "sandbox.env").write_text("".join(f"{key}={value}\n" for key, value in identity.items()))
         (spec.rootfs / "etc/hostname").write_text(f"{spec.hostname}\n")
@@ -352,6 +364,29 @@ class LocalSubstrate:
             capture=False,
         )
         return result.returncode
+
+    # ---- agent runs ---------------------------------------------------------------------------
+    def host_agent_command(
+        self, record: SandboxRecord, args: list[str], input_text: str | None = None, timeout: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`km-host-agent ARGS` as root inside the machine: the sandbox's control interface."""
+        leader = _int(record.resources.get("leader_pid"))
+        if leader is None or self.observe(record) != "running":
+            raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is not running; start it with `km resume {record.alias}`")
+        return machine.run_inside(
+            leader, [HOST_AGENT_COMMAND, *args], user=None, in_agent_slice=False, input_text=input_text, timeout=timeout
+        )
+
+    def attach_run_session(self, record: SandboxRecord, session: str) -> int:
+        """The operator's terminal on a run's tmux session, as the sandbox user (who owns km's tmux server)."""
+        leader = _int_required(record, "leader_pid")
+        argv = ["tmux", "-S", AGENT_TMUX_SOCKET, "attach-session", "-t", f"={session}"]
+        result = machine.run_inside(leader, argv, user="sandbox", in_agent_slice=True, tty=True, capture=False)
+        return result.returncode
+
+    def agent_runs_dir(self, record: SandboxRecord) -> Path:
+        """Where this sandbox's outbox uploads its runs on the host: `<artifacts>/agent-runs/<sandbox>/`."""
+        return self.artifacts / "agent-runs" / record.sandbox_id
 
 
 def _remove_in_background(directory: Path) -> None:
