@@ -141,11 +141,18 @@ def attach(ref: str, run_id: str | None = None) -> int:
     return substrate.attach_run_session(record, f"km-agent-{run_id}")
 
 
-def run_interactive(ref: str, options: RunOptions, *, auto_start: bool = False, progress: Progress = lambda _: None) -> str:
-    """Start a run and attach to it at once; the run goes on after the operator detaches. Its run id."""
+def run_interactive(
+    ref: str, options: RunOptions, *, auto_start: bool = False, progress: Progress = lambda _: None
+) -> dict[str, Any]:
+    """Start a run and attach to it at once; the run goes on after the operator detaches.
+
+    Returns the run's summary as it stands when the terminal comes back (ended, or still running).
+    """
     started = start_run(ref, options, auto_start=auto_start, progress=progress)
-    attach(started["sandbox_id"], started["run_id"])
-    return str(started["run_id"])
+    record, substrate = resolve(started["sandbox_id"])
+    substrate.attach_run_session(record, str(started["session"]))
+    summary, _ = _call(substrate, record, ["status", "--run", str(started["run_id"])])
+    return dict(summary)
 
 
 def results(ref: str, run_id: str | None = None) -> dict[str, Any]:

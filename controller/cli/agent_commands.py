@@ -61,8 +61,12 @@ def run_command(
         print_json(result)
         sys.exit(code)
     if interactive:
-        run_id = runs.run_interactive(ref, options, auto_start=auto_start, progress=_progress)
-        click.echo(f"detached from run {run_id}; it goes on. `km agent results {ref} --run {run_id}` when it ends", err=True)
+        summary = runs.run_interactive(ref, options, auto_start=auto_start, progress=_progress)
+        run_id = summary["run_id"]
+        if summary["status"] in runs.TERMINAL:
+            click.echo(f"run {run_id} {summary['status']}; `km agent results {ref} --run {run_id}` prints its result", err=True)
+        else:
+            click.echo(f"detached from run {run_id}; it goes on. `km agent results {ref} --run {run_id}` when it ends", err=True)
         return
     started = runs.start_run(ref, options, auto_start=auto_start, progress=_progress)
     if as_json:
