@@ -151,3 +151,23 @@ def test_host_agent_reports_its_version_and_checks_a_compiled_config(tmp_path: P
     (tmp_path / "broken.json").write_text('{"profile": "x"}')
     broken = subprocess.run([agent, "check-config", "--config", str(tmp_path / "broken.json")], capture_output=True, text=True)
     assert broken.returncode == 1 and "Field required" in broken.stderr
+
+
+def test_agent_run_refuses_wait_with_interactive_and_two_agents() -> None:
+    both = km("agent", "run", "goose", "--prompt", "x", "--wait", "--interactive")
+    assert both.returncode == 2 and "--wait and --interactive" in both.stderr
+    two = km("agent", "run", "goose", "--prompt", "x", "--codex", "--agent-cmd", "aider")
+    assert two.returncode == 2 and "--codex and --agent-cmd" in two.stderr
+
+
+def test_agent_run_with_an_unreadable_prompt_file_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.md"
+    result = km("agent", "run", "goose", "--prompt", f"@{missing}")
+    assert result.returncode == 1 and result.stderr.startswith(f"km: --prompt @{missing}: cannot read")
+
+
+def test_agent_commands_on_an_unknown_sandbox_say_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KM_STATE_DIR", str(tmp_path))
+    for args in (["results", "ghost"], ["list", "ghost"], ["cancel", "ghost"], ["attach", "ghost"]):
+        result = km("agent", *args)
+        assert result.returncode == 1 and "ghost" in result.stderr and result.stderr.startswith("km: "), (args, result.stderr)
