@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sys
 from collections.abc import Callable
@@ -130,13 +131,25 @@ def status_command(ref: str, as_json: bool) -> None:
     status = substrate.observe(record)
     leader = record.resources.get("leader_pid")
     agent = "active" if status == "running" and leader and host_agent_active(int(leader)) else "inactive"
+    health = _host_agent_health(substrate, record) if agent == "active" else {}
     if as_json:
-        print_json({**_record_json(record, status), "host_agent": {"status": agent}})
+        print_json({**_record_json(record, status), "host_agent": {"status": agent, **health}})
         return
     click.echo(f"{record.alias} ({record.sandbox_id}): {status}; host agent {agent}")
+    if health:
+        outbox = health.get("outbox") or {}
+        click.echo(f"  agent runs active: {len(health.get('active_runs', []))}; uploads pending: {outbox.get('pending', '-')}")
     click.echo(f"  profile {record.profile} on {record.substrate} ({record.region}); TTL {_remaining(record.ttl_expiry)}")
     if record.locked:
         click.echo("  locked: destroy, stop and automatic teardown are refused")
+
+
+def _host_agent_health(substrate: Any, record: SandboxRecord) -> dict[str, Any]:
+    """The daemon's own view (active runs, outbox); an error in it is reported, not raised."""
+    completed = substrate.host_agent_command(record, ["health"], timeout=10)
+    if completed.returncode != 0:
+        return {"health_error": completed.stderr.strip() or f"exit code {completed.returncode}"}
+    return dict(json.loads(completed.stdout))
 
 
 @click.command("destroy")

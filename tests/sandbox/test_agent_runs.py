@@ -106,6 +106,9 @@ def test_fire_and_forget_then_list_results_and_the_uploaded_copy(goose_sandbox: 
     assert (uploaded / "prompt").read_text() == "KM_FAKE_SLEEP=2 background job"
     table = km("agent", "list", ALIAS).stdout
     assert run_id in table and "complete" in table
+    health = json.loads(km("status", ALIAS, "--json").stdout)["host_agent"]
+    assert health["status"] == "active" and health["active_runs"] == []
+    assert health["outbox"]["pending"] == 0 and health["outbox"]["uploaded"] > 0
 
 
 def test_cancel_ends_a_running_agent(goose_sandbox: str) -> None:
