@@ -20,7 +20,6 @@ from host_agent.config import CONFIG_PATH, SANDBOX_ENV_PATH, HostAgentConfig
 
 PROFILE_ENV_PATH = "/etc/profile.d/km-profile-env.sh"
 BOOT_STATUS_PATH = "/var/lib/km/boot-status"
-UNIT_PATH = "/etc/systemd/system/km-host-agent.service"
 
 _PRELUDE = f"""\
 set -Eeuo pipefail
@@ -116,8 +115,12 @@ def _write_file(path: str, mode: str, owner: str, content: str) -> str:
     return f"{command} <<'{delimiter}'\n{content}{delimiter}"
 
 
-def host_agent_unit() -> str:
-    return resources.files("host_agent").joinpath("systemd/km-host-agent.service").read_text(encoding="utf-8")
+# The daemon, and the tmux server its agent runs live in (started by the daemon on the first run).
+HOST_AGENT_UNITS = ("km-host-agent.service", "km-agent-tmux.service")
+
+
+def host_agent_unit(name: str = "km-host-agent.service") -> str:
+    return resources.files("host_agent").joinpath(f"systemd/{name}").read_text(encoding="utf-8")
 
 
 def profile_env_script(env: dict[str, str]) -> str:
@@ -204,16 +207,20 @@ def _host_agent_section(config: HostAgentConfig) -> list[str]:
         '  python3 -m pip install --quiet "$KM_HOST_AGENT_WHEEL"',
         "fi",
         _write_file(str(CONFIG_PATH), "0644", "root:root", config.to_json()),
-        # A baked image already has this unit, enabled: reloading systemd for nothing costs a third of a second.
-        _write_file(f"{UNIT_PATH}.km-new", "0644", "root:root", host_agent_unit()),
-        f"if cmp -s {UNIT_PATH}.km-new {UNIT_PATH}; then",
-        f"  rm -f {UNIT_PATH}.km-new",
-        "else",
-        f"  mv -f {UNIT_PATH}.km-new {UNIT_PATH}",
-        "  systemctl daemon-reload",
-        "fi",
+        # A baked image already has these units: reloading systemd for nothing costs a third of a second.
+        "km_units_changed=0",
+        *[line for name in HOST_AGENT_UNITS for line in _unit_update(name)],
+        'if [ "$km_units_changed" = 1 ]; then systemctl daemon-reload; fi',
         "systemctl is-enabled --quiet km-host-agent.service || systemctl enable km-host-agent.service",
         "systemctl start km-host-agent.service",
+    ]
+
+
+def _unit_update(name: str) -> list[str]:
+    path = f"/etc/systemd/system/{name}"
+    return [
+        _write_file(f"{path}.km-new", "0644", "root:root", host_agent_unit(name)),
+        f"if cmp -s {path}.km-new {path}; then rm -f {path}.km-new; else mv -f {path}.km-new {path}; km_units_changed=1; fi",
     ]
 
 

@@ -38,9 +38,10 @@ RUNNER_PID: Final = "runner.pid"
 
 
 def new_run_id(now: datetime | None = None) -> str:
-    """`YYYYMMDDTHHMMSSZ-xxxxxx`: sorts by start time; the suffix keeps two runs in one second apart."""
+    """`YYYYMMDDTHHMMSSZ-mmmrrr`: milliseconds then 3 random hex digits, so ids sort by start time even
+    within one second, and two runs started in the same millisecond still differ."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"{moment:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{moment:%Y%m%dT%H%M%SZ}-{moment.microsecond // 1000:03d}{secrets.token_hex(2)[:3]}"
 
 
 def is_run_id(name: str) -> bool:

@@ -32,17 +32,21 @@ def directory_fd(path: Path) -> Iterator[int]:
         os.close(descriptor)
 
 
-def make_owned_dirs(base: Path, relative: Path, uid: int, gid: int, mode: int = 0o755) -> Path:
-    """mkdir -p `base/relative` with each new level owned by uid:gid; refuses symlinked levels."""
+def make_owned_dirs(base: Path, relative: Path, uid: int, gid: int, mode: int = 0o755, *, exclusive: bool = False) -> Path:
+    """mkdir -p `base/relative` with each new level owned by uid:gid; refuses symlinked levels.
+
+    `exclusive`: the last level must not exist yet (FileExistsError), so a new run never reuses a dir.
+    """
     with directory_fd(base) as descriptor:
         current = os.dup(descriptor)
         try:
-            for part in relative.parts:
+            for index, part in enumerate(relative.parts):
                 try:
                     os.mkdir(part, mode, dir_fd=current)
                     os.chown(part, uid, gid, dir_fd=current, follow_symlinks=False)
                 except FileExistsError:
-                    pass
+                    if exclusive and index == len(relative.parts) - 1:
+                        raise
                 child = os.open(part, _DIRECTORY_FLAGS, dir_fd=current)
                 os.close(current)
                 current = child

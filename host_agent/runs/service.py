@@ -132,8 +132,8 @@ class AgentRuns:
         user = self.user
         working_dir = self.config.execution.working_dir
         make_owned_dirs(Path(working_dir), Path(RUNS_SUBDIR), user.uid, user.gid)
-        run_id = new_run_id()
-        run = RunDir(make_owned_dirs(self.root, Path(run_id), user.uid, user.gid, mode=0o750))
+        run = self._new_run_dir(user)
+        run_id = run.run_id
         write_owned_file(run.path, PROMPT, prompt.encode(), user.uid, user.gid, mode=0o640)
         use_no_bedrock = self.config.execution.no_bedrock_default if no_bedrock is None else no_bedrock
         env = agent_environment(
@@ -162,6 +162,15 @@ class AgentRuns:
             raise
         log.info("run started", extra={"fields": {"run_id": run_id, "agent": agent, "no_bedrock": use_no_bedrock}})
         return run
+
+    def _new_run_dir(self, user: SandboxUser) -> RunDir:
+        """A run dir that did not exist before: ids from the same millisecond can collide, so retry."""
+        for _ in range(10):
+            try:
+                return RunDir(make_owned_dirs(self.root, Path(new_run_id()), user.uid, user.gid, mode=0o750, exclusive=True))
+            except FileExistsError:
+                continue
+        raise RunRequestError(f"could not make a new run directory in {self.root}")
 
     def cancel(self, run_id: str | None) -> RunDir:
         """Mark the run cancelled-on-request and close its session; the wrapper records `cancelled`."""

@@ -203,6 +203,7 @@ km_write_file /etc/km/host-agent.json 0644 root:root <<'KM_EOF'
   "substrate": "ec2"
 }
 KM_EOF
+km_units_changed=0
 km_write_file /etc/systemd/system/km-host-agent.service.km-new 0644 root:root <<'KM_EOF'
 [Unit]
 Description=km host agent: enforces the sandbox profile (egress gate, capture, agent runs)
@@ -218,6 +219,11 @@ ExecReload=/bin/kill -HUP $MAINPID
 WatchdogSec=30s
 Restart=on-failure
 RestartSec=2s
+# The control socket (root only) and the outbox's persisted queue.
+RuntimeDirectory=km-host-agent
+RuntimeDirectoryMode=0700
+StateDirectory=km-host-agent
+StateDirectoryMode=0700
 # Only what the daemon uses: BPF programs and maps, uprobes, network policy, sandbox processes and
 # their files. Without CAP_SYS_ADMIN it cannot open the host's BPF objects by id (measured).
 CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
@@ -225,12 +231,26 @@ CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SETUID CAP_SETGID CA
 [Install]
 WantedBy=multi-user.target
 KM_EOF
-if cmp -s /etc/systemd/system/km-host-agent.service.km-new /etc/systemd/system/km-host-agent.service; then
-  rm -f /etc/systemd/system/km-host-agent.service.km-new
-else
-  mv -f /etc/systemd/system/km-host-agent.service.km-new /etc/systemd/system/km-host-agent.service
-  systemctl daemon-reload
-fi
+if cmp -s /etc/systemd/system/km-host-agent.service.km-new /etc/systemd/system/km-host-agent.service; then rm -f /etc/systemd/system/km-host-agent.service.km-new; else mv -f /etc/systemd/system/km-host-agent.service.km-new /etc/systemd/system/km-host-agent.service; km_units_changed=1; fi
+km_write_file /etc/systemd/system/km-agent-tmux.service.km-new 0644 root:root <<'KM_EOF'
+[Unit]
+Description=km agent runs: the sandbox user's tmux server (one session km-agent-<runID> per run)
+# Started by km-host-agent when the first run starts; not enabled at boot (an idle sandbox needs no tmux).
+
+[Service]
+Type=simple
+User=sandbox
+# Every run, and everything it starts, lives in the agent cgroup the egress policy is attached to.
+Slice=kmagent.slice
+RuntimeDirectory=km-agent
+RuntimeDirectoryMode=0700
+# -D: stay in the foreground, so systemd tracks the server; exit-empty is then off, so it idles between runs.
+ExecStart=/usr/bin/tmux -S /run/km-agent/tmux.sock -f /dev/null -D
+Restart=on-failure
+RestartSec=1s
+KM_EOF
+if cmp -s /etc/systemd/system/km-agent-tmux.service.km-new /etc/systemd/system/km-agent-tmux.service; then rm -f /etc/systemd/system/km-agent-tmux.service.km-new; else mv -f /etc/systemd/system/km-agent-tmux.service.km-new /etc/systemd/system/km-agent-tmux.service; km_units_changed=1; fi
+if [ "$km_units_changed" = 1 ]; then systemctl daemon-reload; fi
 systemctl is-enabled --quiet km-host-agent.service || systemctl enable km-host-agent.service
 systemctl start km-host-agent.service
 
