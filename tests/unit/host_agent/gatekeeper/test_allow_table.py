@@ -1,0 +1,207 @@
+"""The allow table's bookkeeping with a fake clock and a recording sink: what reaches the kernel maps, and when it leaves."""
+
+from __future__ import annotations
+
+import pytest
+
+from host_agent.gatekeeper.allow_table import AllowTable, canonical_network
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.present: set[str] = set()
+        self.fail_revoke: set[str] = set()
+
+    def allow(self, network: str) -> None:
+        self.calls.append(("allow", network))
+        self.present.add(network)
+
+    def revoke(self, network: str) -> None:
+        if network in self.fail_revoke:
+            raise OSError("map update failed")
+        self.calls.append(("revoke", network))
+        self.present.discard(network)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def sink() -> RecordingSink:
+    return RecordingSink()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_learn_allows_new_addresses_once(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, clock=clock)
+    table.learn([("10.1.0.1", 300), ("2001:DB8::0:1", 300)])
+    table.learn([("10.1.0.1", 300), ("::ffff:10.1.0.1", 300)])  # the same kernel entry, however spelled
+    assert sink.calls == [("allow", "10.1.0.1"), ("allow", "2001:db8::1")]
+
+
+def test_learn_rejects_what_is_not_an_address(sink: RecordingSink, clock: FakeClock) -> None:
+    with pytest.raises(ValueError):
+        AllowTable(sink, clock=clock).learn([("10.0.0.0/8", 300)])
+
+
+@pytest.mark.parametrize(("ttl", "lifetime"), [(1, 60), (0, 60), (-5, 60), (60, 60), (300, 300)])
+def test_expiry_is_the_larger_of_ttl_and_floor(sink: RecordingSink, clock: FakeClock, ttl: int, lifetime: int) -> None:
+    table = AllowTable(sink, floor_seconds=60, clock=clock)
+    table.learn([("10.1.0.1", ttl)])
+    assert table.snapshot() == {"10.1.0.1": clock.now + lifetime}
+
+
+def test_expire_revokes_through_the_sink_only_when_due(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, floor_seconds=60, clock=clock)
+    table.learn([("10.1.0.1", 10), ("10.1.0.2", 300)])
+    clock.now += 59
+    assert table.expire() == []
+    clock.now += 1
+    assert table.expire() == ["10.1.0.1"]
+    assert sink.present == {"10.1.0.2"}
+    assert set(table.snapshot()) == {"10.1.0.2"}
+    clock.now += 240
+    assert table.expire() == ["10.1.0.2"]
+    assert sink.present == set() and table.snapshot() == {}
+
+
+def test_a_relearned_address_is_allowed_again_after_expiring(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, clock=clock)
+    table.learn([("10.1.0.1", 1)])
+    clock.now += 61
+    table.expire()
+    table.learn([("10.1.0.1", 1)])
+    assert sink.calls == [("allow", "10.1.0.1"), ("revoke", "10.1.0.1"), ("allow", "10.1.0.1")]
+
+
+def test_learning_again_extends_but_never_shortens(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, floor_seconds=60, clock=clock)
+    table.learn([("10.1.0.1", 300)])
+    clock.now += 100
+    table.learn([("10.1.0.1", 1)])  # a shorter answer later: still 300 from the first
+    assert table.snapshot() == {"10.1.0.1": 1300.0}
+    clock.now += 150
+    table.learn([("10.1.0.1", 300)])  # a longer one: extended
+    assert table.snapshot() == {"10.1.0.1": 1550.0}
+
+
+def test_in_use_addresses_survive_expiry_until_closed(sink: RecordingSink, clock: FakeClock) -> None:
+    open_connections = {"10.1.0.1"}
+    probes: list[int] = []
+
+    def in_use() -> set[str]:
+        probes.append(1)
+        return set(open_connections)
+
+    table = AllowTable(sink, clock=clock, is_in_use=in_use)
+    table.learn([("10.1.0.1", 1), ("10.1.0.2", 1), ("10.1.0.3", 1)])
+    assert table.expire() == [] and probes == []  # nothing due: /proc is not read at all
+    clock.now += 61
+    assert table.expire() == ["10.1.0.2", "10.1.0.3"]
+    assert probes == [1]  # read once per pass, not once per address
+    assert sink.present == {"10.1.0.1"}
+    assert table.expire() == []
+    open_connections.clear()
+    assert table.expire() == ["10.1.0.1"]
+    assert sink.present == set()
+
+
+def test_when_open_connections_cannot_be_listed_expiry_errs_towards_revoking(sink: RecordingSink, clock: FakeClock) -> None:
+    def broken() -> set[str]:
+        raise OSError("no /proc")
+
+    table = AllowTable(sink, clock=clock, is_in_use=broken)
+    table.learn([("10.1.0.1", 1)])
+    clock.now += 61
+    assert table.expire() == ["10.1.0.1"]
+
+
+def test_a_failed_revoke_is_retried_on_the_next_pass(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, clock=clock)
+    table.learn([("10.1.0.1", 1), ("10.1.0.2", 1)])
+    sink.fail_revoke.add("10.1.0.1")
+    clock.now += 61
+    assert table.expire() == ["10.1.0.2"]
+    assert "10.1.0.1" in table.snapshot()
+    sink.fail_revoke.clear()
+    assert table.expire() == ["10.1.0.1"]
+
+
+def test_static_networks_never_expire(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, clock=clock)
+    table.set_static(["192.168.0.0/16", "10.9.9.9/32", "2001:db8::/32"])
+    clock.now += 10**9
+    assert table.expire() == []
+    assert table.snapshot() == {"192.168.0.0/16": None, "10.9.9.9": None, "2001:db8::/32": None}
+    assert sink.present == {"192.168.0.0/16", "10.9.9.9", "2001:db8::/32"}
+
+
+def test_replacing_the_static_set_revokes_removed_networks_only(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, clock=clock)
+    table.set_static(["192.168.0.0/16", "172.16.0.0/12"])
+    sink.calls.clear()
+    table.set_static(["172.16.0.0/12", "10.0.0.0/8"])
+    assert sink.calls == [("allow", "10.0.0.0/8"), ("revoke", "192.168.0.0/16")]
+    assert set(table.snapshot()) == {"172.16.0.0/12", "10.0.0.0/8"}
+
+
+def test_a_bad_static_network_changes_nothing(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, clock=clock)
+    table.set_static(["192.168.0.0/16"])
+    with pytest.raises(ValueError):
+        table.set_static(["10.0.0.0/8", "not-a-network"])
+    assert table.snapshot() == {"192.168.0.0/16": None}
+
+
+def test_a_learned_address_that_is_also_static_shares_one_kernel_entry(sink: RecordingSink, clock: FakeClock) -> None:
+    """Expiry of the learned copy must not revoke the static entry; removing the static one leaves the learned one."""
+    table = AllowTable(sink, clock=clock)
+    table.set_static(["10.1.0.1/32"])
+    table.learn([("10.1.0.1", 1)])
+    clock.now += 61
+    assert table.expire() == []
+    assert sink.present == {"10.1.0.1"} and sink.calls == [("allow", "10.1.0.1")]
+
+    table.learn([("10.1.0.1", 300)])
+    table.set_static([])
+    assert sink.present == {"10.1.0.1"}  # still learned, so still allowed
+    assert table.snapshot() == {"10.1.0.1": clock.now + 300}
+    clock.now += 300
+    assert table.expire() == ["10.1.0.1"] and sink.present == set()
+
+
+def test_clear_dynamic_revokes_every_learned_entry_but_keeps_static(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, clock=clock, is_in_use=lambda: {"10.1.0.1"})
+    table.set_static(["192.168.0.0/16"])
+    table.learn([("10.1.0.1", 300), ("10.1.0.2", 300)])
+    assert table.clear_dynamic() == ["10.1.0.1", "10.1.0.2"]  # in use or not: the names behind them are gone
+    assert sink.present == {"192.168.0.0/16"}
+    assert table.snapshot() == {"192.168.0.0/16": None}
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("10.1.2.3/8", "10.0.0.0/8"),  # host bits are dropped, as the kernel's LPM key would
+        ("10.1.2.3/32", "10.1.2.3"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("2001:DB8:0::1/128", "2001:db8::1"),
+        (" 2001:db8::/32 ", "2001:db8::/32"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),  # v4-mapped: the gate keeps it in the IPv4 trie
+        ("::ffff:10.1.0.0/112", "10.1.0.0/16"),
+        ("::ffff:0:0/96", "0.0.0.0/0"),
+    ],
+)
+def test_canonical_network(text: str, canonical: str) -> None:
+    assert canonical_network(text) == canonical
