@@ -164,6 +164,7 @@ def command_daemon(args: argparse.Namespace) -> int:
             tmux_socket=args.tmux_socket,
             state_dir=args.state_dir,
             sandbox_user=args.sandbox_user,
+            gate_cgroup=args.gate_cgroup,
         )
     )
 
@@ -181,6 +182,11 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--tmux-socket", type=Path, default=Path("/run/km-agent/tmux.sock"))
     daemon.add_argument("--state-dir", type=Path, default=Path("/var/lib/km-host-agent"))
     daemon.add_argument("--sandbox-user", default="sandbox", help="who agent runs run as (tests use their own user)")
+    daemon.add_argument(
+        "--gate-cgroup",
+        type=Path,
+        help="attach the egress gate to this cgroup v2 dir; `auto`: this machine's cgroup2 root (the unit passes it)",
+    )
     daemon.set_defaults(handler=command_daemon)
     check = commands.add_parser("check-config", parents=[common], help="validate host-agent.json and exit")
     check.set_defaults(handler=command_check_config)

@@ -111,6 +111,7 @@ class SandboxIdentity(_Contract):
     alias: str | None = None
     artifacts_uri: str | None = Field(None, description="s3://bucket/prefix, or a local directory on the local substrate.")
     resource_prefix: str = "km"
+    dns_upstream: str | None = Field(None, description="IP[:PORT] the sandbox's resolver forwards to; default: resolv.conf's.")
 
 
 def load_config(path: Path = CONFIG_PATH) -> HostAgentConfig:
@@ -118,7 +119,7 @@ def load_config(path: Path = CONFIG_PATH) -> HostAgentConfig:
 
 
 def load_identity(path: Path = SANDBOX_ENV_PATH) -> SandboxIdentity:
-    """Parse `KEY=value` lines (KM_SANDBOX_ID, KM_ALIAS, KM_ARTIFACTS_URI, KM_RESOURCE_PREFIX)."""
+    """Parse `KEY=value` lines (KM_SANDBOX_ID, KM_ALIAS, KM_ARTIFACTS_URI, KM_RESOURCE_PREFIX, KM_DNS_UPSTREAM)."""
     values: dict[str, str] = {}
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
@@ -131,5 +132,6 @@ def load_identity(path: Path = SANDBOX_ENV_PATH) -> SandboxIdentity:
         "KM_ALIAS": "alias",
         "KM_ARTIFACTS_URI": "artifacts_uri",
         "KM_RESOURCE_PREFIX": "resource_prefix",
+        "KM_DNS_UPSTREAM": "dns_upstream",
     }
     return SandboxIdentity.model_validate({name: values[key] for key, name in fields.items() if key in values})

@@ -25,6 +25,7 @@ from host_agent.sdnotify import notify, watchdog_interval_seconds
 from host_agent.version import __version__
 
 if TYPE_CHECKING:
+    from host_agent.gatekeeper.component import Gatekeeper
     from host_agent.outbox import Outbox
 
 log = logging.getLogger("km-host-agent")
@@ -52,6 +53,8 @@ class DaemonPaths:
     tmux_socket: Path = TMUX_SOCKET
     state_dir: Path = field(default_factory=lambda: Path("/var/lib/km-host-agent"))
     sandbox_user: str = "sandbox"
+    # The cgroup the egress gate is attached to; None: no gate (tests of other parts, on a host).
+    gate_cgroup: Path | None = None
 
 
 class Daemon:
@@ -64,6 +67,7 @@ class Daemon:
         self.runs: Any = None
         self.outbox: Outbox | None = None
         self.outbox_error: str | None = None
+        self.gatekeeper: Gatekeeper | None = None
         self.control: ControlServer | None = None
 
     def run(self) -> int:
@@ -74,6 +78,11 @@ class Daemon:
             log.error("cannot load config", extra={"fields": {"config": str(self.paths.config), "error": str(error)}})
             return 1
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)  # before any thread starts: they inherit it
+        try:
+            self._start_gate(self.config, self.identity)
+        except Exception as error:  # no READY without the gate: the sandbox must not run agents unguarded
+            log.error("egress gate failed to start", extra={"fields": {"error": f"{type(error).__name__}: {error}"}})
+            return 1
         self._start_components(self.config, self.identity)
         notify("READY=1", f"STATUS=enforcing profile {self.config.profile}")
         log.info("ready", extra={"fields": {"version": __version__, "profile": self.config.profile}})
@@ -92,6 +101,15 @@ class Daemon:
         self._stop_components()
         log.info("stopped", extra={"fields": {"profile": self.config.profile}})
         return 0
+
+    def _start_gate(self, config: HostAgentConfig, identity: SandboxIdentity) -> None:
+        if self.paths.gate_cgroup is None:
+            return
+        from host_agent.gatekeeper.component import Gatekeeper, cgroup2_root
+
+        root = cgroup2_root() if str(self.paths.gate_cgroup) == "auto" else self.paths.gate_cgroup
+        self.gatekeeper = Gatekeeper(config, identity, root, learn_report=self.paths.state_dir / "learn-report.json")
+        self.gatekeeper.start()
 
     def _start_components(self, config: HostAgentConfig, identity: SandboxIdentity) -> None:
         from host_agent.runs.service import AgentRuns
@@ -118,15 +136,23 @@ class Daemon:
     def _stop_components(self) -> None:
         if self.control is not None:
             self.control.stop()
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
         if self.outbox is not None:
             self.outbox.stop()
 
     def _reconcile(self) -> None:
+        """Periodic work between signals; a failure is logged and never stops the loop or its watchdog."""
+        if self.gatekeeper is not None:
+            try:
+                self.gatekeeper.tick()
+            except Exception:
+                log.exception("gate housekeeping failed")
         if self.runs is None:
             return
         try:
             self.runs.reconcile()
-        except Exception:  # one bad run dir must not stop the daemon or its watchdog
+        except Exception:
             log.exception("reconciling runs failed")
 
     def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +181,7 @@ class Daemon:
             "profile": self.config.profile,
             "active_runs": active,
             "outbox": self.outbox.stats() if self.outbox is not None else {"error": self.outbox_error},
+            "gate": self.gatekeeper.status() if self.gatekeeper is not None else None,
         }
 
     def _reload(self) -> None:
@@ -167,6 +194,8 @@ class Daemon:
         else:
             if self.runs is not None:
                 self.runs.config = self.config
+            if self.gatekeeper is not None:
+                self.gatekeeper.reload(self.config)
             log.info("reloaded", extra={"fields": {"profile": self.config.profile}})
         notify("READY=1")
 

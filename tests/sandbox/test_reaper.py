@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -12,7 +14,7 @@ import pytest
 
 from controller.images.store import Image
 from controller.sandboxes import state_store
-from controller.substrates.local.reaper import reap_once, reaper_running
+from controller.substrates.local.reaper import reap_once, reaper_pid_file, reaper_running
 from controller.substrates.local.substrate import LocalSubstrate
 from tests.sandbox.conftest import leftovers
 from tests.sandbox.test_local_lifecycle import KM, PROFILE, km
@@ -27,9 +29,25 @@ def profile_file(tmp_path: Path) -> Path:
     return file
 
 
-def create(profile_file: Path, alias: str, policy: str = "destroy") -> str:
+def create(profile_file: Path, alias: str, policy: str = "destroy", stop_reaper: bool = True) -> str:
     profile_file.write_text(profile_file.read_text().replace("teardownPolicy: destroy", f"teardownPolicy: {policy}"))
-    return str(json.loads(km("create", str(profile_file), "--alias", alias, "--json").stdout)["sandbox"]["id"])
+    sandbox_id = str(json.loads(km("create", str(profile_file), "--alias", alias, "--json").stdout)["sandbox"]["id"])
+    if stop_reaper:  # tests that drive reap_once themselves: the reaper km started would race them
+        stop_background_reaper()
+    return sandbox_id
+
+
+def stop_background_reaper() -> None:
+    pid_file = reaper_pid_file()
+    deadline = time.monotonic() + 20
+    while not reaper_running(pid_file) and time.monotonic() < deadline:
+        time.sleep(0.05)  # km create started it; it takes its lock a moment later
+    if reaper_running(pid_file):
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while reaper_running(pid_file) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize(("policy", "locked", "expected"), [("destroy", False, "gone"), ("stop", False, "stopped"),
@@ -78,7 +96,7 @@ def test_idle_timeout_counts_from_the_last_activity_in_the_agent_slice(
 def test_create_starts_one_reaper_which_exits_when_no_sandbox_is_left(
     local_env: Path, debian_image: Image, profile_file: Path
 ) -> None:
-    sandbox_id = create(profile_file, "reaped")
+    sandbox_id = create(profile_file, "reaped", stop_reaper=False)
     try:
         deadline = time.monotonic() + 20
         while not reaper_running() and time.monotonic() < deadline:

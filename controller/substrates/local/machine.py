@@ -25,6 +25,12 @@ from pathlib import Path
 from controller.substrates.local.network import SandboxNetwork
 
 AGENT_SLICE = "kmagent.slice"
+# What the agent slice's processes never get (the same lines are in km-agent-tmux.service): raw and
+# packet sockets would go around the egress gate, and these capabilities could detach it.
+AGENT_HARDENING = (
+    "CapabilityBoundingSet=~CAP_NET_RAW CAP_NET_ADMIN CAP_BPF CAP_PERFMON CAP_SYS_ADMIN",
+    "RestrictAddressFamilies=~AF_PACKET",
+)
 CGROUP_HYBRID_UNIFIED = Path("/sys/fs/cgroup/unified")
 CGROUP_HYBRID_SYSTEMD = Path("/sys/fs/cgroup/systemd")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -296,6 +302,7 @@ def run_inside(
         command.append(f"--uid={user}")
     if in_agent_slice:
         command.append(f"--slice={AGENT_SLICE}")
+        command += [f"--property={setting}" for setting in AGENT_HARDENING]
     if working_dir:
         command.append(f"--working-directory={working_dir}")
     command += ["--", *argv]

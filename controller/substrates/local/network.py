@@ -75,7 +75,12 @@ class SandboxNetwork:
     def destroy(self) -> None:
         """Remove the namespace, the veth and the NAT rule; absent pieces are fine."""
         for handle in (handle for handle, owner in nat_rules() if owner == self.sandbox_id):
-            _run(["nft", "delete", "rule", "ip", NFT_TABLE, "postrouting", "handle", str(handle)])
+            deleted = subprocess.run(
+                ["nft", "delete", "rule", "ip", NFT_TABLE, "postrouting", "handle", str(handle)], capture_output=True, text=True
+            )
+            # Another km process (the reaper, a second destroy) may have deleted it since we listed it.
+            if deleted.returncode != 0 and handle in {found for found, _ in nat_rules()}:
+                raise NetworkError(f"deleting NAT rule {handle} of {self.sandbox_id} failed: {deleted.stderr.strip()}")
         subprocess.run(["ip", "link", "del", self.host_interface], capture_output=True, check=False)
         if self.namespace_path.exists():
             _run(["ip", "netns", "del", self.namespace])

@@ -35,21 +35,35 @@ def reaper_pid_file() -> Path:
 
 
 def agent_slice_busy(sandbox_id: str) -> bool:
-    """Whether anything runs in the machine's agent slice (seen from the host's cgroup tree)."""
+    """Whether anything runs in the machine's agent slice (seen from the host's cgroup tree).
+
+    The tree can lose directories while it is read (a unit ending, a machine going down): what
+    vanished is simply not activity.
+    """
     try:
         unified = host_launcher().cgroup(sandbox_id)
     except machine.MachineError:
         return False
-    for slice_dir in unified.glob(f"**/{machine.AGENT_SLICE}"):
-        for events in slice_dir.glob("*/cgroup.events"):
-            if "populated 1" not in events.read_text():
-                continue
-            if events.parent.name != AGENT_TMUX_UNIT:
-                return True
-            # km's tmux server idles there between runs: only what runs under it is activity.
-            if len((events.parent / "cgroup.procs").read_text().split()) > 1:
+    for directory, subdirectories, _files in os.walk(unified):
+        if Path(directory).name != machine.AGENT_SLICE:
+            continue
+        subdirectories.clear()  # what is below the slice is read here, not walked
+        for unit in Path(directory).iterdir() if Path(directory).is_dir() else ():
+            if _unit_busy(unit):
                 return True
     return False
+
+
+def _unit_busy(unit: Path) -> bool:
+    try:
+        if not unit.is_dir() or "populated 1" not in (unit / "cgroup.events").read_text():
+            return False
+        if unit.name != AGENT_TMUX_UNIT:
+            return True
+        # km's tmux server idles there between runs: only what runs under it is activity.
+        return len((unit / "cgroup.procs").read_text().split()) > 1
+    except OSError:
+        return False
 
 
 def reap_once(substrate: LocalSubstrate, now: datetime | None = None, log: Log = lambda _: None) -> list[str]:

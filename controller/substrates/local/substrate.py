@@ -35,6 +35,8 @@ ARTIFACTS_DIR_ENV = "KM_ARTIFACTS_DIR"  # default: `artifacts` beside the sandbo
 # Inside the machine: the outbox's file target (the local analog of the artifacts bucket).
 SANDBOX_ARTIFACTS_DIR = "/var/lib/km/artifacts"
 HOST_AGENT_COMMAND = "/usr/local/bin/km-host-agent"
+# IP[:PORT] a local sandbox's resolver forwards allowed queries to (default: the host's resolver).
+DNS_UPSTREAM_ENV = "KM_LOCAL_DNS_UPSTREAM"
 AGENT_TMUX_SOCKET = "/run/km-agent/tmux.sock"
 BOOT_TIMEOUT_SECONDS = 120
 INIT_COMMANDS_TIMEOUT_SECONDS = 1800
@@ -248,6 +250,8 @@ class LocalSubstrate:
             "KM_EFS_ID": "local",
             "KM_ARTIFACTS_URI": f"file://{SANDBOX_ARTIFACTS_DIR}",
         }
+        if upstream := os.environ.get(DNS_UPSTREAM_ENV):
+            identity["KM_DNS_UPSTREAM"] = upstream
         (etc_km / "sandbox.env").write_text("".join(f"{key}={value}\n" for key, value in identity.items()))
         (spec.rootfs / "etc/hostname").write_text(f"{spec.hostname}\n")
         hosts = spec.rootfs / "etc/hosts"

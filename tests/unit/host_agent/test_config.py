@@ -164,27 +164,44 @@ def test_policy_models_are_usable_on_their_own() -> None:
     [
         (
             "KM_SANDBOX_ID=gebpfgk-0a1b2c3d\n",
-            {"sandbox_id": "gebpfgk-0a1b2c3d", "alias": None, "artifacts_uri": None, "resource_prefix": "km"},
+            {
+                "sandbox_id": "gebpfgk-0a1b2c3d",
+                "alias": None,
+                "artifacts_uri": None,
+                "resource_prefix": "km",
+                "dns_upstream": None,
+            },
         ),
         (
             "# written by km create\n\nKM_SANDBOX_ID=gebpfgk-0a1b2c3d\nKM_ALIAS=goose\n"
-            "KM_ARTIFACTS_URI=s3://km-artifacts-123/prefix\nKM_RESOURCE_PREFIX=kmtest\nKM_EFS_ID=fs-0123\n",
+            "KM_ARTIFACTS_URI=s3://km-artifacts-123/prefix\nKM_RESOURCE_PREFIX=kmtest\nKM_EFS_ID=fs-0123\n"
+            "KM_DNS_UPSTREAM=10.215.0.2:53\n",
             {
                 "sandbox_id": "gebpfgk-0a1b2c3d",
                 "alias": "goose",
                 "artifacts_uri": "s3://km-artifacts-123/prefix",
                 "resource_prefix": "kmtest",
+                "dns_upstream": "10.215.0.2:53",
             },
         ),
         (
             "KM_SANDBOX_ID='sb-deadbeef'\nKM_ALIAS=\"my-goose\"\n  KM_ARTIFACTS_URI=/var/lib/km/artifacts\nnot a pair\n",
-            {"sandbox_id": "sb-deadbeef", "alias": "my-goose", "artifacts_uri": "/var/lib/km/artifacts", "resource_prefix": "km"},
+            {
+                "sandbox_id": "sb-deadbeef",
+                "alias": "my-goose",
+                "artifacts_uri": "/var/lib/km/artifacts",
+                "resource_prefix": "km",
+                "dns_upstream": None,
+            },
         ),
         (
             "KM_SANDBOX_ID=sb-1\nKM_SANDBOX_ID=sb-2\n",
-            {"sandbox_id": "sb-2", "alias": None, "artifacts_uri": None, "resource_prefix": "km"},
+            {"sandbox_id": "sb-2", "alias": None, "artifacts_uri": None, "resource_prefix": "km", "dns_upstream": None},
         ),
-        ("KM_SANDBOX_ID=sb-1=x\n", {"sandbox_id": "sb-1=x", "alias": None, "artifacts_uri": None, "resource_prefix": "km"}),
+        (
+            "KM_SANDBOX_ID=sb-1=x\n",
+            {"sandbox_id": "sb-1=x", "alias": None, "artifacts_uri": None, "resource_prefix": "km", "dns_upstream": None},
+        ),
     ],
     ids=["id-only", "all-fields", "quotes-and-indent", "last-wins", "equals-in-value"],
 )

@@ -214,7 +214,7 @@ Wants=network-online.target
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart=/usr/local/bin/km-host-agent daemon --config /etc/km/host-agent.json
+ExecStart=/usr/local/bin/km-host-agent daemon --config /etc/km/host-agent.json --gate-cgroup auto
 ExecReload=/bin/kill -HUP $MAINPID
 WatchdogSec=30s
 Restart=on-failure
@@ -246,6 +246,10 @@ RuntimeDirectory=km-agent
 RuntimeDirectoryMode=0700
 # -D: stay in the foreground, so systemd tracks the server; exit-empty is then off, so it idles between runs.
 ExecStart=/usr/bin/tmux -S /run/km-agent/tmux.sock -f /dev/null -D
+# No raw or packet sockets for agents (ICMP tunnels, hand-made frames around the egress gate), and no
+# capability that could detach the gate, even through sudo in a privileged profile.
+CapabilityBoundingSet=~CAP_NET_RAW CAP_NET_ADMIN CAP_BPF CAP_PERFMON CAP_SYS_ADMIN
+RestrictAddressFamilies=~AF_PACKET
 Restart=on-failure
 RestartSec=1s
 KM_EOF

@@ -1,0 +1,224 @@
+"""The daemon's egress gatekeeper: the BPF gate on the sandbox's cgroup tree plus the sandbox's resolver.
+
+The gate is attached at the machine's cgroup v2 root, not at the agent's slice: restarting a slice
+removes its directory and every program attached to it (measured), while the root lives as long as the
+machine. Everything under the root is gated except system.slice and init.scope, where the machine's
+own services run (this daemon, first boot, root shells); the agent cannot move itself there.
+
+Fail closed: programs stay attached when the daemon exits, and DNS then goes to a resolver that is no
+longer there. A restarted daemon attaches fresh programs in place of the old ones (no gap) with empty
+maps, so addresses have to be resolved again; nothing is ever more open than before.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from host_agent.config import HostAgentConfig, SandboxIdentity
+from host_agent.gatekeeper.allow_table import AllowTable
+from host_agent.gatekeeper.connections import open_remote_addresses
+from host_agent.gatekeeper.names import NamePolicy
+from host_agent.gatekeeper.resolver import QueryRecord, Resolver
+
+log = logging.getLogger("km-host-agent.gate")
+EXEMPT_CGROUPS = ("system.slice", "init.scope")
+RESOLV_CONF = Path("/etc/resolv.conf")
+LEARN_REPORT = Path("/var/lib/km-host-agent/learn-report.json")
+# A fixed port on the machine's loopback: the gate is compiled with it before the resolver binds, and
+# the daemon holds it from boot, before any agent could take it.
+RESOLVER_PORT = 10053
+
+
+class GateError(Exception):
+    """The gate could not be set up; the daemon refuses to report ready without it."""
+
+
+def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
+    """Where cgroup v2 is mounted in this machine (`/sys/fs/cgroup/unified` on hybrid hosts)."""
+    for line in mountinfo.read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        if after.split(" ", 1)[0] == "cgroup2":
+            return Path(before.split()[4])
+    raise GateError("no cgroup2 mount in this machine: the egress gate needs cgroup v2")
+
+
+def parse_upstream(text: str) -> tuple[str, int]:
+    """`IP`, `IP:PORT`, `[IPv6]:PORT` or a bare IPv6 address."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+        return str(ipaddress.ip_address(host.rstrip("]"))), int(port or 53)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return str(ipaddress.ip_address(host)), int(port)
+    return str(ipaddress.ip_address(text)), 53
+
+
+def upstream_from_resolv_conf(path: Path = RESOLV_CONF) -> tuple[str, int]:
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            return parse_upstream(fields[1])
+    raise GateError(f"no nameserver in {path}: set KM_DNS_UPSTREAM in /etc/km/sandbox.env")
+
+
+class Gatekeeper:
+    def __init__(self, config: HostAgentConfig, identity: SandboxIdentity, cgroup_root: Path, learn_report: Path = LEARN_REPORT):
+        self.config = config
+        self.identity = identity
+        self.cgroup_root = cgroup_root
+        self.learn_report = learn_report
+        self.decisions: Counter[str] = Counter()
+        self.learned: dict[str, dict[str, Any]] = {}
+        self._learn_dirty = False
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.gate: Any = None
+        self.resolver: Resolver | None = None
+        self.table: AllowTable | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        from ebpf.gate import EgressGate, cgroup_id
+
+        egress = self.config.egress
+        upstream = parse_upstream(self.identity.dns_upstream) if self.identity.dns_upstream else upstream_from_resolv_conf()
+        pid_ns = os.stat("/proc/self/ns/pid")
+        self.gate = EgressGate(
+            resolver_v4=("127.0.0.1", RESOLVER_PORT),
+            resolver_v6=("::1", RESOLVER_PORT),
+            mode=egress.mode,
+            audit_allows=egress.mode == "log",
+            pidns=(pid_ns.st_dev, pid_ns.st_ino),
+        )
+        self.table = AllowTable(self.gate, is_in_use=open_remote_addresses)
+        self.resolver = Resolver(
+            NamePolicy.from_lists(egress.allowed_dns_suffixes, egress.allowed_hosts),
+            upstream,
+            self.table,
+            listen=(("127.0.0.1", RESOLVER_PORT), ("::1", RESOLVER_PORT)),
+            on_query=self._on_query,
+        )
+        self.resolver.start()
+        self.table.set_static(egress.allowed_cidrs)
+        exempt = [self.cgroup_root / name for name in EXEMPT_CGROUPS if (self.cgroup_root / name).is_dir()]
+        self.gate.set_exempt([cgroup_id(path) for path in exempt])
+        self.gate.attach(self.cgroup_root)
+        threading.Thread(target=self._read_events, name="gate-events", daemon=True).start()
+        log.info(
+            "egress gate attached",
+            extra={
+                "fields": {
+                    "cgroup": str(self.cgroup_root),
+                    "mode": egress.mode,
+                    "resolver_port": self.resolver.port,
+                    "upstream": f"{upstream[0]}:{upstream[1]}",
+                    "exempt": [str(path) for path in exempt],
+                }
+            },
+        )
+
+    def reload(self, config: HostAgentConfig) -> None:
+        """A new allowlist takes effect for new lookups and connections; open connections stay up."""
+        old, new = self.config.egress, config.egress
+        self.config = config
+        assert self.resolver is not None and self.table is not None
+        self.resolver.policy = NamePolicy.from_lists(new.allowed_dns_suffixes, new.allowed_hosts)
+        self.table.set_static(new.allowed_cidrs)
+        narrowed = not set(old.allowed_dns_suffixes) <= set(new.allowed_dns_suffixes) or not set(old.allowed_hosts) <= set(
+            new.allowed_hosts
+        )
+        if narrowed:  # addresses learned through a name no longer allowed must not stay reachable
+            revoked = self.table.clear_dynamic()
+            log.info("allowlist narrowed; learned addresses revoked", extra={"fields": {"revoked": len(revoked)}})
+        if new.mode != old.mode:
+            self.gate.set_mode(new.mode)
+            self.gate.set_audit_allows(new.mode == "log")
+
+    def tick(self) -> None:
+        """Periodic work from the daemon's loop: expire learned addresses, write the learn report."""
+        if self.table is not None:
+            self.table.expire()
+        if self._learn_dirty:
+            self._write_learn_report()
+
+    def stop(self) -> None:
+        """Stop answering DNS; the programs stay attached (fail closed)."""
+        self._stopping.set()
+        if self.resolver is not None:
+            self.resolver.stop()
+        if self._learn_dirty:
+            self._write_learn_report()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enforcement": self.config.egress.enforcement,
+            "mode": self.config.egress.mode,
+            "attached_to": str(self.cgroup_root),
+            "allow_entries": len(self.gate.entries()) if self.gate is not None else 0,
+            "decisions": self.gate.counters() if self.gate is not None else {},
+            "resolver": self.resolver.stats() if self.resolver is not None else {},
+        }
+
+    # ---- audit and learn mode ---------------------------------------------------------------------
+    def _on_query(self, record: QueryRecord) -> None:
+        if not record.allowed:
+            log.warning("dns denied", extra={"fields": {"name": record.name, "qtype": record.qtype}})
+        if self.config.egress.mode == "log":
+            with self._lock:
+                entry = self.learned.setdefault(f"dns:{record.name}", {"kind": "dns", "name": record.name, "count": 0})
+                entry["count"] += 1
+                entry["allowed"] = record.allowed
+                entry["addresses"] = sorted(set(entry.get("addresses", [])) | set(record.addresses))
+                self._learn_dirty = True
+
+    def _read_events(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                events = self.gate.poll_events(500)
+            except Exception:  # the ring buffer reader must never take the daemon down
+                log.exception("reading gate events failed")
+                time.sleep(1)
+                continue
+            for event in events:
+                self.decisions[event.verdict] += 1
+                fields = {
+                    "verdict": event.verdict,
+                    "address": event.address,
+                    "port": event.port,
+                    "proto": event.proto,
+                    "pid": event.pid,
+                    "uid": event.uid,
+                    "comm": event.comm,
+                }
+                if event.verdict in ("deny", "would-deny"):
+                    log.warning(
+                        "egress denied" if event.verdict == "deny" else "egress would be denied", extra={"fields": fields}
+                    )
+                if self.config.egress.mode == "log":
+                    with self._lock:
+                        key = f"connect:{event.proto}:{event.address}:{event.port}"
+                        entry = self.learned.setdefault(key, {"kind": "connect", **fields, "count": 0})
+                        entry["count"] += 1
+                        self._learn_dirty = True
+
+    def _write_learn_report(self) -> None:
+        with self._lock:
+            report = {
+                "sandbox_id": self.identity.sandbox_id,
+                "profile": self.config.profile,
+                "entries": list(self.learned.values()),
+            }
+            self._learn_dirty = False
+        self.learn_report.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.learn_report.with_name(f".{self.learn_report.name}.tmp")
+        temporary.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        temporary.replace(self.learn_report)
