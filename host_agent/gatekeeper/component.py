@@ -84,6 +84,7 @@ class Gatekeeper:
         self.gate: Any = None
         self.resolver: Resolver | None = None
         self.table: AllowTable | None = None
+        self.policy = NamePolicy.from_lists(config.egress.allowed_dns_suffixes, config.egress.allowed_hosts)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -100,8 +101,9 @@ class Gatekeeper:
             pidns=(pid_ns.st_dev, pid_ns.st_ino),
         )
         self.table = AllowTable(self.gate, is_in_use=open_remote_addresses)
+        self.policy = NamePolicy.from_lists(egress.allowed_dns_suffixes, egress.allowed_hosts)
         self.resolver = Resolver(
-            NamePolicy.from_lists(egress.allowed_dns_suffixes, egress.allowed_hosts),
+            self._resolver_policy(),
             upstream,
             self.table,
             listen=(("127.0.0.1", RESOLVER_PORT), ("::1", RESOLVER_PORT)),
@@ -131,7 +133,8 @@ class Gatekeeper:
         old, new = self.config.egress, config.egress
         self.config = config
         assert self.resolver is not None and self.table is not None
-        self.resolver.policy = NamePolicy.from_lists(new.allowed_dns_suffixes, new.allowed_hosts)
+        self.policy = NamePolicy.from_lists(new.allowed_dns_suffixes, new.allowed_hosts)
+        self.resolver.policy = self._resolver_policy()
         self.table.set_static(new.allowed_cidrs)
         narrowed = not set(old.allowed_dns_suffixes) <= set(new.allowed_dns_suffixes) or not set(old.allowed_hosts) <= set(
             new.allowed_hosts
@@ -142,6 +145,13 @@ class Gatekeeper:
         if new.mode != old.mode:
             self.gate.set_mode(new.mode)
             self.gate.set_audit_allows(new.mode == "log")
+        self.resolver.policy = self._resolver_policy()
+
+    def _resolver_policy(self) -> NamePolicy:
+        """Learn mode answers every name (so the report shows what the agent needs) and records the verdict."""
+        if self.config.egress.mode == "log":
+            return NamePolicy.from_lists(["*"], [])
+        return self.policy
 
     def tick(self) -> None:
         """Periodic work from the daemon's loop: expire learned addresses, write the learn report."""
@@ -170,13 +180,15 @@ class Gatekeeper:
 
     # ---- audit and learn mode ---------------------------------------------------------------------
     def _on_query(self, record: QueryRecord) -> None:
-        if not record.allowed:
-            log.warning("dns denied", extra={"fields": {"name": record.name, "qtype": record.qtype}})
+        allowed = self.policy.allows(record.name)
+        if not allowed:
+            message = "dns denied" if record.rcode == "NXDOMAIN" and not record.allowed else "dns would be denied"
+            log.warning(message, extra={"fields": {"name": record.name, "qtype": record.qtype}})
         if self.config.egress.mode == "log":
             with self._lock:
                 entry = self.learned.setdefault(f"dns:{record.name}", {"kind": "dns", "name": record.name, "count": 0})
                 entry["count"] += 1
-                entry["allowed"] = record.allowed
+                entry["allowed"] = allowed
                 entry["addresses"] = sorted(set(entry.get("addresses", [])) | set(record.addresses))
                 self._learn_dirty = True
 

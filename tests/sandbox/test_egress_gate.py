@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,14 @@ def test_the_gate_reports_its_state_in_km_status(gated: str) -> None:
     assert status["decisions"]["denied"] >= 1
 
 
+def test_restarting_the_agent_slice_leaves_the_gate_in_place(gated: str) -> None:
+    refused = km("shell", ALIAS, "--", "systemctl", "stop", "kmagent.slice", check=False)
+    assert refused.returncode != 0  # the sandbox user cannot restart its own slice
+    restarted = km("shell", ALIAS, "--root", "--", "sh", "-c", "systemctl stop kmagent.slice && systemctl start kmagent.slice")
+    assert restarted.returncode == 0, restarted.stderr
+    assert probe("connect", ADDRESSES["unlisted"], "80") == EPERM  # a fresh slice, still gated
+
+
 def test_the_gate_stays_closed_while_the_daemon_is_down(gated: str) -> None:
     stopped = km("shell", ALIAS, "--root", "--", "systemctl", "kill", "--signal=KILL", "km-host-agent", check=False)
     assert stopped.returncode == 0, stopped.stderr
@@ -169,3 +178,43 @@ def test_a_narrowed_allowlist_applies_live(gated: str, tmp_path: Path) -> None:
         restored = tmp_path / "restored.yaml"
         restored.write_text(PROFILE)
         km("create", str(restored), "--alias", ALIAS, check=False)
+
+
+def test_learn_mode_lets_everything_through_and_reports_what_would_be_denied(
+    world: World, debian_image: Image, tmp_path: Path
+) -> None:
+    profile = tmp_path / "learner.yaml"
+    learner_profile = PROFILE.replace("name: gated, prefix: gt", "name: learner, prefix: ln")
+    assert "\n  execution:" in learner_profile
+    profile.write_text(learner_profile.replace("\n  execution:", "\n  observability: {learnMode: true}\n  execution:"))
+    os.environ["KM_LOCAL_DNS_UPSTREAM"] = f"{DNS}:53"
+    try:
+        sandbox_id = str(json.loads(km("create", str(profile), "--json").stdout)["sandbox"]["id"])
+    finally:
+        os.environ.pop("KM_LOCAL_DNS_UPSTREAM")
+    try:
+        km("shell", "learner", "--root", "--", "sh", "-c", "cat > /usr/local/bin/net_probe", stdin=PROBE.read_text())
+
+        def learner_probe(*args: str) -> str:
+            return km("shell", "learner", "--", "python3", "/usr/local/bin/net_probe", *args).stdout.strip()
+
+        assert learner_probe("resolve", "evil.test") == ADDRESSES["evil"]
+        assert learner_probe("http", ADDRESSES["unlisted"]) == f"hello from {ADDRESSES['unlisted']}"
+        report_text = ""
+        for _ in range(50):
+            shown = km("shell", "learner", "--root", "--", "cat", "/var/lib/km-host-agent/learn-report.json", check=False)
+            report_text = shown.stdout
+            if ADDRESSES["unlisted"] in report_text and "evil.test" in report_text:
+                break
+            time.sleep(0.2)
+        entries = json.loads(report_text)["entries"]
+        dns_entry = next(entry for entry in entries if entry["kind"] == "dns" and entry["name"] == "evil.test")
+        assert dns_entry["allowed"] is False and ADDRESSES["evil"] in dns_entry["addresses"]
+        connect_entry = next(
+            entry for entry in entries if entry["kind"] == "connect" and entry["address"] == ADDRESSES["unlisted"]
+        )
+        assert connect_entry["verdict"] == "would-deny" and connect_entry["port"] == 80
+        status = json.loads(km("status", "learner", "--json").stdout)["host_agent"]["gate"]
+        assert status["mode"] == "log" and status["decisions"]["would_deny"] >= 1
+    finally:
+        km("destroy", sandbox_id, "--yes", check=False)

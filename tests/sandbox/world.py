@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tests.conftest import REPO_ROOT
 
-NETWORK = "10.215.0"
+# One /24 per test session, so two sessions on one host (a developer and a CI check) never share routes.
+NETWORK = f"10.215.{os.getpid() % 250 + 1}"
 DNS = f"{NETWORK}.2"
 ADDRESSES = {
     "allowed": f"{NETWORK}.10",
