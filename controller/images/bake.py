@@ -13,12 +13,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 from controller.images.chroot import BakeError, run_in_chroot, run_logged
-from controller.images.recipe import RECIPES_DIR, LoadedRecipe, load_recipe
+from controller.images.recipe import RECIPES_DIR, LoadedRecipe, load_recipe, sandbox_requirements
 from controller.images.store import Image, ImageStore
 from host_agent.version import __version__
 
@@ -145,13 +144,6 @@ ln -sfn {KERNEL_HEADERS_DIR} /lib/modules/{release}/source
 test -f {KERNEL_HEADERS_DIR}/include/linux/kconfig.h
 """
     run_in_chroot(rootfs, script, "installing kernel headers for BCC", log_file)
-
-
-def sandbox_requirements() -> list[str]:
-    """What the daemon needs at run time: the `sandbox` extra in pyproject.toml, one list for both sides."""
-    with (REPO_ROOT / "pyproject.toml").open("rb") as stream:
-        extras: dict[str, list[str]] = tomllib.load(stream)["project"]["optional-dependencies"]
-    return extras["sandbox"]
 
 
 def _install_host_agent(rootfs: Path, log_file: Path) -> None:

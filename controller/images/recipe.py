@@ -8,6 +8,7 @@ hash matches is up to date; anything else is a new image, never a modified one.
 from __future__ import annotations
 
 import hashlib
+import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,16 @@ from controller.profile.source import read_document
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "amis"
 _HOST_AGENT_DIR = Path(__file__).resolve().parents[2] / "host_agent"
+_EBPF_DIR = _HOST_AGENT_DIR.parent / "ebpf"
+
+
+def sandbox_requirements() -> list[str]:
+    """The `sandbox` extra of pyproject.toml: what baked images install for the daemon."""
+    with (_HOST_AGENT_DIR.parent / "pyproject.toml").open("rb") as stream:
+        extras: dict[str, list[str]] = tomllib.load(stream)["project"]["optional-dependencies"]
+    return extras["sandbox"]
+
+
 _BAKE_CODE = (Path(__file__).with_name("bake.py"), Path(__file__).with_name("chroot.py"))
 
 
@@ -132,9 +143,12 @@ def load_recipe(name: str, directory: Path = RECIPES_DIR, _chain: tuple[str, ...
     if parent is not None:
         digest.update(parent.hash.encode())
     if spec.host_agent:
-        for code in sorted(_HOST_AGENT_DIR.rglob("*")):
-            if code.is_file() and code.suffix in (".py", ".service"):
-                digest.update(str(code.relative_to(_HOST_AGENT_DIR)).encode() + b"\0" + code.read_bytes())
+        # Everything the image's km wheel carries for the daemon, and the dependencies it installs.
+        for directory in (_HOST_AGENT_DIR, _EBPF_DIR):
+            for code in sorted(directory.rglob("*")):
+                if code.is_file() and code.suffix in (".py", ".service", ".c"):
+                    digest.update(str(code.relative_to(directory.parent)).encode() + b"\0" + code.read_bytes())
+        digest.update("\n".join(sandbox_requirements()).encode())
     for code in _BAKE_CODE:
         digest.update(code.read_bytes())
     return LoadedRecipe(recipe, file, digest.hexdigest(), parent)

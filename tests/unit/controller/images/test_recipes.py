@@ -287,3 +287,23 @@ def test_a_recipe_must_be_named_like_its_file(recipes: Path) -> None:
     edit(recipes / "debian-12.yaml", "  name: debian-12", "  name: debian")
     with pytest.raises(ProfileError, match="debian-12"):
         load_recipe("debian-12", recipes)
+
+
+@pytest.mark.parametrize("source", ["host_agent/daemon.py", "ebpf/gate.bpf.c", "ebpf/gate.py"])
+def test_the_daemons_code_and_bpf_programs_are_part_of_the_hash(
+    recipes: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str
+) -> None:
+    """An image carries the km wheel: a change to what the daemon runs must give a new image."""
+    import controller.images.recipe as recipe_module
+
+    before = hashes(recipes)["debian-12"]
+    tree = tmp_path / "tree"
+    for package in ("host_agent", "ebpf"):
+        shutil.copytree(REPO_ROOT / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / "pyproject.toml", tree / "pyproject.toml")
+    monkeypatch.setattr(recipe_module, "_HOST_AGENT_DIR", tree / "host_agent")
+    monkeypatch.setattr(recipe_module, "_EBPF_DIR", tree / "ebpf")
+    assert hashes(recipes)["debian-12"] == before
+    with (tree / source).open("a") as code:
+        code.write("\n// changed\n" if source.endswith(".c") else "\n# changed\n")
+    assert hashes(recipes)["debian-12"] != before
