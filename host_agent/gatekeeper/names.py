@@ -10,6 +10,8 @@ normalised form (lower-case IDNA A-labels, no trailing dot), the form `host-agen
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -43,11 +45,23 @@ class NamePolicy:
         return any(".".join(labels[index:]) in self.suffixes for index in range(len(labels)))
 
 
+# A host name already in A-label form: every query off the wire, so IDNA processing can be skipped.
+_LDH_NAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+@functools.lru_cache(maxsize=4096)
 def _normalised(text: str) -> str:
-    """The comparison form, or "" for anything that is not a valid DNS name (it then matches nothing)."""
+    """The comparison form, or "" for anything that is not a valid DNS name (it then matches nothing).
+
+    Cached, and plain lower-casing for names that are already ASCII letters, digits and hyphens:
+    this runs for every DNS query, and full IDNA processing costs a tenth of a millisecond.
+    """
     candidate = text.strip().lstrip(".").rstrip(".")
     if not candidate or len(candidate) > MAX_NAME_LENGTH:
         return ""
+    lowered = candidate.lower()
+    if _LDH_NAME.fullmatch(lowered) and "--" not in lowered.replace("xn--", ""):
+        return lowered
     try:
         return normalise_dns_name(candidate)
     except (UnicodeError, ValueError):

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import dns.flags
@@ -110,6 +111,7 @@ class Resolver:
         self._wake_writer: socket.socket | None = None
         self._stopping = threading.Event()
         self._serving: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1)  # replaced by start()
         self._port = 0
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -127,6 +129,8 @@ class Resolver:
         self._udp, self._tcp = self._bind_all()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._stopping.clear()
+        # Reused worker threads: starting a thread per query cost a noticeable share of each answer.
+        self._pool = ThreadPoolExecutor(max_workers=MAX_INFLIGHT_QUERIES, thread_name_prefix="dns-udp-query")
         self._serving = threading.Thread(target=self._serve, name="dns-resolver", daemon=True)
         self._serving.start()
 
@@ -139,6 +143,7 @@ class Resolver:
         self._wake_writer.send(b"x")
         self._serving.join(timeout=5)
         self._serving = None
+        self._pool.shutdown(wait=False)
         with self._connections_lock:
             for connection in self._connections:
                 _shut(connection)
@@ -218,7 +223,7 @@ class Resolver:
             self._count("dropped")
             return
         try:
-            threading.Thread(target=self._answer_datagram, args=(sock, wire, client), name="dns-udp-query", daemon=True).start()
+            self._pool.submit(self._answer_datagram, sock, wire, client)
         except RuntimeError:  # no thread to be had: drop, as when too many are in flight
             self._inflight.release()
             self._count("queries")

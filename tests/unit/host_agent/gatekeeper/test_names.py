@@ -61,3 +61,17 @@ def test_every_name_below_an_allowed_suffix_is_allowed(labels: list[str]) -> Non
 @given(LABEL.filter(lambda label: label != "allowed"))
 def test_a_label_glued_onto_the_suffix_is_never_allowed(label: str) -> None:
     assert not POLICY.allows(f"{label}allowed.test")
+
+
+@given(st.lists(LABEL, min_size=1, max_size=5), st.booleans())
+def test_the_ascii_fast_path_agrees_with_full_idna_processing(labels: list[str], upper: bool) -> None:
+    from host_agent.dnsnames import normalise_dns_name
+    from host_agent.gatekeeper.names import _normalised
+
+    name = ".".join(labels)
+    name = name.upper() if upper else name
+    try:
+        expected = normalise_dns_name(name)
+    except (UnicodeError, ValueError):
+        expected = ""
+    assert _normalised(name) == expected
