@@ -52,6 +52,20 @@ def gate_status() -> dict[str, Any]:
     return dict(json.loads(km("status", ALIAS, "--json").stdout)["host_agent"]["gate"])
 
 
+def create_in_world(profile: Path, alias: str) -> str:
+    """A sandbox whose resolver forwards to the world's DNS server, with net_probe installed."""
+    os.environ["KM_LOCAL_DNS_UPSTREAM"] = f"{DNS}:53"
+    try:
+        sandbox_id = str(json.loads(km("create", str(profile), "--json").stdout)["sandbox"]["id"])
+    finally:
+        os.environ.pop("KM_LOCAL_DNS_UPSTREAM")
+    installed = km("shell", alias, "--root", "--", "sh", "-c", "cat > /usr/local/bin/net_probe", stdin=PROBE.read_text())
+    if installed.returncode != 0:
+        km("destroy", sandbox_id, "--yes", check=False)
+        raise AssertionError(f"installing net_probe in {alias}: {installed.stderr}")
+    return sandbox_id
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, local_env: Path) -> Iterator[World]:
     with fake_internet(tmp_path_factory.mktemp("world")) as found:
@@ -62,14 +76,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, local_env: Path) -> Iterator
 def gated(world: World, debian_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     profile = tmp_path_factory.mktemp("gated") / "gated.yaml"
     profile.write_text(PROFILE)
-    os.environ["KM_LOCAL_DNS_UPSTREAM"] = f"{DNS}:53"
+    sandbox_id = create_in_world(profile, ALIAS)
     try:
-        sandbox_id = str(json.loads(km("create", str(profile), "--json").stdout)["sandbox"]["id"])
-    finally:
-        os.environ.pop("KM_LOCAL_DNS_UPSTREAM")
-    try:
-        installed = km("shell", ALIAS, "--root", "--", "sh", "-c", "cat > /usr/local/bin/net_probe", stdin=PROBE.read_text())
-        assert installed.returncode == 0, installed.stderr
         yield sandbox_id
     finally:
         km("destroy", sandbox_id, "--yes", check=False)
@@ -187,13 +195,8 @@ def test_learn_mode_lets_everything_through_and_reports_what_would_be_denied(
     learner_profile = PROFILE.replace("name: gated, prefix: gt", "name: learner, prefix: ln")
     assert "\n  execution:" in learner_profile
     profile.write_text(learner_profile.replace("\n  execution:", "\n  observability: {learnMode: true}\n  execution:"))
-    os.environ["KM_LOCAL_DNS_UPSTREAM"] = f"{DNS}:53"
+    sandbox_id = create_in_world(profile, "learner")
     try:
-        sandbox_id = str(json.loads(km("create", str(profile), "--json").stdout)["sandbox"]["id"])
-    finally:
-        os.environ.pop("KM_LOCAL_DNS_UPSTREAM")
-    try:
-        km("shell", "learner", "--root", "--", "sh", "-c", "cat > /usr/local/bin/net_probe", stdin=PROBE.read_text())
 
         def learner_probe(*args: str) -> str:
             return km("shell", "learner", "--", "python3", "/usr/local/bin/net_probe", *args).stdout.strip()
