@@ -139,6 +139,12 @@ def status_command(ref: str, as_json: bool) -> None:
     if health:
         outbox = health.get("outbox") or {}
         click.echo(f"  agent runs active: {len(health.get('active_runs', []))}; uploads pending: {outbox.get('pending', '-')}")
+        if gate := health.get("gate"):
+            decisions = gate.get("decisions", {})
+            click.echo(
+                f"  egress gate: {gate['mode']} ({gate['enforcement']}), {gate['allow_entries']} allowed addresses, "
+                f"{decisions.get('denied', 0)} denied, {decisions.get('would_deny', 0)} would be denied"
+            )
     click.echo(f"  profile {record.profile} on {record.substrate} ({record.region}); TTL {_remaining(record.ttl_expiry)}")
     if record.locked:
         click.echo("  locked: destroy, stop and automatic teardown are refused")

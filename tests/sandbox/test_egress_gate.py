@@ -147,11 +147,13 @@ def test_the_sandbox_user_cannot_get_raw_sockets_detach_the_gate_or_leave_its_cg
 
 
 def test_the_gate_reports_its_state_in_km_status(gated: str) -> None:
+    probe("resolve", "api.allowed.test")
     probe("connect", ADDRESSES["unlisted"], "80")
     status = gate_status()
     assert status["mode"] == "enforce" and status["enforcement"] == "ebpf"
     assert status["allow_entries"] >= 2  # the CIDR and at least one learned address
     assert status["decisions"]["denied"] >= 1
+    assert "egress gate: enforce (ebpf)" in km("status", ALIAS).stdout
 
 
 def test_restarting_the_agent_slice_leaves_the_gate_in_place(gated: str) -> None:
