@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from host_agent.paths import CONFIG_PATH, CONTROL_SOCKET, SANDBOX_ENV_PATH, STATE_DIR, TMUX_SOCKET
 from host_agent.version import __version__
 
-CONFIG_PATH = Path("/etc/km/host-agent.json")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 WAIT_POLL_SECONDS = (0.005, 0.25)  # first and largest pause between status reads
@@ -174,13 +174,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"km-host-agent {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, default=CONFIG_PATH)
-    common.add_argument("--control-socket", type=Path, default=Path("/run/km-host-agent/control.sock"))
+    common.add_argument("--control-socket", type=Path, default=CONTROL_SOCKET)
     commands = parser.add_subparsers(dest="command")
 
     daemon = commands.add_parser("daemon", parents=[common], help="run the daemon (under systemd, Type=notify)")
-    daemon.add_argument("--identity", type=Path, default=Path("/etc/km/sandbox.env"))
-    daemon.add_argument("--tmux-socket", type=Path, default=Path("/run/km-agent/tmux.sock"))
-    daemon.add_argument("--state-dir", type=Path, default=Path("/var/lib/km-host-agent"))
+    daemon.add_argument("--identity", type=Path, default=SANDBOX_ENV_PATH)
+    daemon.add_argument("--tmux-socket", type=Path, default=TMUX_SOCKET)
+    daemon.add_argument("--state-dir", type=Path, default=STATE_DIR)
     daemon.add_argument("--sandbox-user", default="sandbox", help="who agent runs run as (tests use their own user)")
     daemon.add_argument(
         "--gate-cgroup",

@@ -16,8 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CONFIG_PATH = Path("/etc/km/host-agent.json")
-SANDBOX_ENV_PATH = Path("/etc/km/sandbox.env")
+from host_agent.paths import CONFIG_PATH, SANDBOX_ENV_PATH
+
 SCHEMA_VERSION: Literal[1] = 1
 
 

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-CONTROL_SOCKET: Final = Path("/run/km-host-agent/control.sock")
+from host_agent.paths import CONTROL_SOCKET
+
 MAX_REQUEST_BYTES: Final = 32 * 1024 * 1024
 
 log = logging.getLogger("km-host-agent.control")

@@ -13,14 +13,15 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from host_agent.config import CONFIG_PATH, SANDBOX_ENV_PATH, HostAgentConfig, SandboxIdentity, load_config, load_identity
-from host_agent.control import CONTROL_SOCKET, ControlServer
+from host_agent.config import HostAgentConfig, SandboxIdentity, load_config, load_identity
+from host_agent.control import ControlServer
+from host_agent.paths import CONFIG_PATH, CONTROL_SOCKET, SANDBOX_ENV_PATH, STATE_DIR, TMUX_SOCKET
 from host_agent.runs.layout import TERMINAL, all_runs
-from host_agent.runs.sessions import TMUX_SOCKET, RunSessions
+from host_agent.runs.sessions import RunSessions
 from host_agent.sdnotify import notify, watchdog_interval_seconds
 from host_agent.version import __version__
 
@@ -51,7 +52,7 @@ class DaemonPaths:
     identity: Path = SANDBOX_ENV_PATH
     control_socket: Path = CONTROL_SOCKET
     tmux_socket: Path = TMUX_SOCKET
-    state_dir: Path = field(default_factory=lambda: Path("/var/lib/km-host-agent"))
+    state_dir: Path = STATE_DIR
     sandbox_user: str = "sandbox"
     # The cgroup the egress gate is attached to; None: no gate (tests of other parts, on a host).
     gate_cgroup: Path | None = None

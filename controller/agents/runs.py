@@ -10,7 +10,6 @@ stopped.
 from __future__ import annotations
 
 import json
-import shlex
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -197,10 +196,3 @@ def cancel(ref: str, run_id: str | None = None) -> dict[str, Any]:
     record, substrate = resolve(ref)
     summary, _ = _call(substrate, record, ["cancel"] + (["--run", run_id] if run_id else []))
     return dict(summary)
-
-
-def describe(options: RunOptions) -> str:
-    """How the run will be started, for progress lines."""
-    if options.agent_cmd:
-        return f"custom agent {shlex.quote(options.agent_cmd)}"
-    return options.agent or "the profile's agent"

@@ -130,8 +130,10 @@ def status_command(ref: str, as_json: bool) -> None:
     record, substrate = resolve(ref)
     status = substrate.observe(record)
     leader = record.resources.get("leader_pid")
-    agent = "active" if status == "running" and leader and host_agent_active(int(leader)) else "inactive"
-    health = _host_agent_health(substrate, record) if agent == "active" else {}
+    health = _host_agent_health(substrate, record) if status == "running" and leader else {}
+    # A daemon that answers is active; only when it does not is systemd asked why (one round trip, usually).
+    answered = bool(health) and "health_error" not in health
+    agent = "active" if answered or (leader and status == "running" and host_agent_active(int(leader))) else "inactive"
     if as_json:
         print_json({**_record_json(record, status), "host_agent": {"status": agent, **health}})
         return

@@ -16,7 +16,8 @@ from pathlib import PurePosixPath
 
 from controller.compiler.volumes import Volume
 from controller.profile import SandboxProfile
-from host_agent.config import CONFIG_PATH, SANDBOX_ENV_PATH, HostAgentConfig
+from host_agent.config import HostAgentConfig
+from host_agent.paths import CONFIG_PATH, SANDBOX_ENV_PATH
 
 PROFILE_ENV_PATH = "/etc/profile.d/km-profile-env.sh"
 BOOT_STATUS_PATH = "/var/lib/km/boot-status"

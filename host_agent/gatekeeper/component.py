@@ -134,7 +134,6 @@ class Gatekeeper:
         self.config = config
         assert self.resolver is not None and self.table is not None
         self.policy = NamePolicy.from_lists(new.allowed_dns_suffixes, new.allowed_hosts)
-        self.resolver.policy = self._resolver_policy()
         self.table.set_static(new.allowed_cidrs)
         narrowed = not set(old.allowed_dns_suffixes) <= set(new.allowed_dns_suffixes) or not set(old.allowed_hosts) <= set(
             new.allowed_hosts

@@ -173,7 +173,13 @@ def _record_end(
 
 
 def normalised_result(
-    request: dict[str, Any], *, status: str, outcome: AgentOutcome, exit_code: int | None, duration_ms: int, reason: str | None
+    request: dict[str, Any],
+    *,
+    status: str,
+    outcome: AgentOutcome,
+    exit_code: int | None,
+    duration_ms: int | None,
+    reason: str | None,
 ) -> dict[str, Any]:
     """One shape for every agent; the agent's own duration wins over our wall clock when it reports one."""
     error = reason or outcome.error

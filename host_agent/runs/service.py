@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from host_agent.agents import AGENT_NAMES
+from host_agent.agents import AGENT_NAMES, AgentOutcome
+from host_agent.agents.base import token_usage
 from host_agent.config import HostAgentConfig, SandboxIdentity
 from host_agent.runs.layout import (
     CANCEL_REQUESTED,
@@ -37,6 +38,7 @@ from host_agent.runs.layout import (
     runs_root,
     utc_now,
 )
+from host_agent.runs.runner import normalised_result
 from host_agent.runs.safe_fs import make_owned_dirs, write_owned_file
 from host_agent.runs.sessions import RunSessions
 
@@ -224,28 +226,19 @@ class AgentRuns:
 
     def _record_failure(self, run: RunDir, reason: str, status: str = "failed") -> None:
         """What the wrapper would have written, so `results` has one shape whatever happened."""
-        request = run.request()
-        result = {
-            "run_id": run.run_id,
-            "sandbox_id": self.identity.sandbox_id,
-            "agent": request.get("agent"),
-            "status": status,
-            "result": None,
-            "is_error": True,
-            "error": reason,
-            "exit_code": None,
-            "session_id": None,
-            "num_turns": None,
-            "duration_ms": None,
-            "total_cost_usd": None,
-            "usage": {
-                "input_tokens": None,
-                "output_tokens": None,
-                "cache_creation_input_tokens": None,
-                "cache_read_input_tokens": None,
-            },
-            "raw": None,
-        }
+        identity = {"run_id": run.run_id, "sandbox_id": self.identity.sandbox_id, "agent": run.request().get("agent")}
+        nothing = AgentOutcome(
+            is_error=True,
+            result=None,
+            session_id=None,
+            num_turns=None,
+            duration_ms=None,
+            total_cost_usd=None,
+            usage=token_usage(),
+            raw=None,
+            error=None,
+        )
+        result = normalised_result(identity, status=status, outcome=nothing, exit_code=None, duration_ms=None, reason=reason)
         user = self.user
         for name, content in (
             (FAILURE_REASON, reason),

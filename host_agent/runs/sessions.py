@@ -21,9 +21,9 @@ from typing import Final
 import libtmux
 from libtmux.exc import LibTmuxException
 
+from host_agent.paths import TMUX_SOCKET
 from host_agent.runs.layout import RunDir
 
-TMUX_SOCKET: Final = Path("/run/km-agent/tmux.sock")
 TMUX_UNIT: Final = "km-agent-tmux.service"
 SESSION_PREFIX: Final = "km-agent-"
 

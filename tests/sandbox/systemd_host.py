@@ -92,7 +92,7 @@ def systemd_host(image_rootfs: Path, workdir: Path) -> Iterator[SystemdHost]:
         if process is not None:
             machine.stop(process.pid, leader, name, timeout=30)
         for directory in reversed(cgroups):
-            _remove_cgroup(directory)
+            machine.remove_cgroup(directory)
         if machine.is_mountpoint(root):
             subprocess.run(["umount", "--recursive", str(root)], check=False)
         subprocess.run(["rm", "-rf", "--one-file-system", str(workdir)], check=False)
@@ -194,24 +194,6 @@ def _cgroup_dirs(name: str) -> list[Path]:
     if CGROUP_HIERARCHIES[1].is_dir():
         return [hierarchy / name for hierarchy in CGROUP_HIERARCHIES]
     return [Path("/sys/fs/cgroup") / name]
-
-
-def _remove_cgroup(directory: Path) -> None:
-    if not directory.is_dir():
-        return
-    if (directory / "cgroup.kill").exists():
-        (directory / "cgroup.kill").write_text("1")
-    deadline = time.monotonic() + 10
-    while directory.is_dir() and time.monotonic() < deadline:
-        for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            try:
-                child.rmdir()
-            except OSError:
-                pass
-        try:
-            directory.rmdir()
-        except OSError:
-            time.sleep(0.05)
 
 
 def _checked(argv: list[str], timeout: float = 60) -> None:

@@ -265,7 +265,7 @@ def stop(nspawn_pid: int | None, leader_pid: int | None, sandbox_id: str, timeou
                 _kill_quietly(nspawn_pid)
                 _wait_gone(nspawn_pid, sandbox_id, 5)
     for directory in reversed(cgroup_dirs(sandbox_id)):
-        _remove_cgroup(directory)
+        remove_cgroup(directory)
 
 
 def freeze(sandbox_id: str) -> None:
@@ -362,7 +362,7 @@ def _kill_quietly(pid: int) -> None:
         pass
 
 
-def _remove_cgroup(directory: Path, timeout: float = 10) -> None:
+def remove_cgroup(directory: Path, timeout: float = 10) -> None:
     """Remove a machine's cgroup tree once nspawn is gone, killing stragglers (cgroup.kill) first."""
     if not directory.is_dir():
         return

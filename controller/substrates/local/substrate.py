@@ -27,6 +27,7 @@ from controller.substrates.local import machine
 from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.machine import MachineError, MachineSpec
 from controller.substrates.local.network import MAX_SLOTS, SandboxNetwork
+from host_agent.paths import TMUX_SOCKET
 
 Progress = Callable[[str], None]
 SANDBOX_DIR_ENV = "KM_SANDBOX_DIR"
@@ -37,7 +38,6 @@ SANDBOX_ARTIFACTS_DIR = "/var/lib/km/artifacts"
 HOST_AGENT_COMMAND = "/usr/local/bin/km-host-agent"
 # IP[:PORT] a local sandbox's resolver forwards allowed queries to (default: the host's resolver).
 DNS_UPSTREAM_ENV = "KM_LOCAL_DNS_UPSTREAM"
-AGENT_TMUX_SOCKET = "/run/km-agent/tmux.sock"
 BOOT_TIMEOUT_SECONDS = 120
 INIT_COMMANDS_TIMEOUT_SECONDS = 1800
 
@@ -384,7 +384,7 @@ class LocalSubstrate:
     def attach_run_session(self, record: SandboxRecord, session: str) -> int:
         """The operator's terminal on a run's tmux session, as the sandbox user (who owns km's tmux server)."""
         leader = _int_required(record, "leader_pid")
-        argv = ["tmux", "-S", AGENT_TMUX_SOCKET, "attach-session", "-t", f"={session}"]
+        argv = ["tmux", "-S", str(TMUX_SOCKET), "attach-session", "-t", f"={session}"]
         result = machine.run_inside(leader, argv, user="sandbox", in_agent_slice=True, tty=True, capture=False)
         return result.returncode
 
