@@ -1,13 +1,17 @@
-/* km egress gate: cgroup sock_addr programs that let a sandbox reach only allowlisted addresses.
+/* km egress gate: cgroup programs that let a sandbox reach only allowlisted destinations.
  *
- * Attached (legacy, exclusive) to one cgroup v2 directory; they gate every task below it except tasks
+ * Attached (legacy, exclusive) to one cgroup v2 directory, they gate every task below it except tasks
  * with an exempt cgroup among their ancestors. DNS (port 53, any address) goes to the sandbox's
- * resolver instead, and UDP replies get their original source back so clients accept them.
+ * resolver instead, and UDP replies get their original source back so clients accept them. In the
+ * proxy enforcement modes, TCP connects go to the sandbox's L7 forwarder, which is told where each
+ * connection was going (sock_ops) and checks the name the client sends (Host/SNI).
  *
- * Compiled by BCC against Debian 6.1 headers for a newer running kernel: only uapi structures
- * (bpf_sock_addr) are read here, never kernel-internal ones, whose layouts would silently differ.
+ * Compiled ahead of time with clang into a BPF object that libbpf loads (ebpf/objects.py). Only uapi
+ * structures (bpf_sock_addr, bpf_sock_ops) are read, never kernel-internal ones, so the object needs
+ * no relocation and loads on any kernel with these hooks (5.8+ for getpeername).
  */
-#include <uapi/linux/bpf.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
 
 #define GATE_AF_INET 2
 #define GATE_AF_INET6 10
@@ -19,107 +23,185 @@
 #define GATE_MODE_ENFORCE 0
 #define GATE_MODE_LOG 1
 
+/* network.enforcement */
+#define GATE_ENFORCEMENT_EBPF 0  /* allow map only */
+#define GATE_ENFORCEMENT_PROXY 1 /* TCP to the forwarder (it checks the name), other traffic by allow map */
+#define GATE_ENFORCEMENT_BOTH 2  /* TCP must pass the allow map and then the forwarder */
+
+/* Values in the allow maps: where an entry came from. */
+#define ALLOW_LEARNED 1 /* an allowed name resolved to it */
+#define ALLOW_STATIC 2  /* allowedCIDRs: reachable directly, never through the forwarder */
+
 #define VERDICT_ALLOW 0
 #define VERDICT_DENY 1
 #define VERDICT_WOULD_DENY 2
 #define VERDICT_REDIRECT 3
+#define VERDICT_PROXY 4
 
 #define COUNTER_ALLOWED 0
 #define COUNTER_DENIED 1
 #define COUNTER_WOULD_DENY 2
 #define COUNTER_REDIRECTED 3
 #define COUNTER_EVENTS_DROPPED 4
-#define COUNTER_SLOTS 5
+#define COUNTER_PROXIED 5
+#define COUNTER_SLOTS 6
 
 /* Everything here is in network byte order exactly as bpf_sock_addr holds it (ports in the low 16 bits). */
 struct gate_config {
-    u32 mode;
-    u32 audit_allows;
-    u32 resolver_ip4;
-    u32 resolver_port4;
-    u32 resolver_ip6[4];
-    u32 resolver_port6;
-    u32 reserved;
-    u64 pidns_dev; /* kernel dev_t of the sandbox's pid namespace file; 0 = report host pids */
-    u64 pidns_ino;
+    __u32 mode;
+    __u32 audit_allows;
+    __u32 resolver_ip4;
+    __u32 resolver_port4;
+    __u32 resolver_ip6[4];
+    __u32 resolver_port6;
+    __u32 enforcement;
+    __u64 pidns_dev; /* kernel dev_t of the sandbox's pid namespace file; 0 = report host pids */
+    __u64 pidns_ino;
+    __u32 proxy_ip4;
+    __u32 proxy_port4;
+    __u32 proxy_ip6[4];
+    __u32 proxy_port6;
+    __u32 reserved;
 };
 
 struct lpm_key4 {
-    u32 prefixlen;
-    u8 addr[4];
+    __u32 prefixlen;
+    __u8 addr[4];
 };
 
 struct lpm_key6 {
-    u32 prefixlen;
-    u8 addr[16];
+    __u32 prefixlen;
+    __u8 addr[16];
 };
 
-/* Where a redirected DNS query was really going, so the reply can claim to come from there. */
-struct dns_origin {
-    u32 addr[4]; /* IPv4 in addr[0] for family AF_INET */
-    u32 port;
-    u32 family;
+/* Where a redirected socket was really going: a DNS query (so the reply can claim to come from there)
+ * or a proxied TCP connection (so the forwarder knows the port, and getpeername() tells the truth). */
+struct origin {
+    __u32 addr[4]; /* IPv4 in addr[0] for family AF_INET */
+    __u32 port;    /* network order */
+    __u32 family;
+};
+
+/* The forwarder finds a proxied connection by the client's port and family as it sees them. */
+struct proxy_client {
+    __u32 family;
+    __u32 port; /* host order */
 };
 
 /* 56 bytes, no implicit padding, addr 4-byte aligned (the verifier refuses misaligned stack stores):
  * the Python side unpacks it with struct format "=QIIHBBB3x16s16s". */
 struct gate_event {
-    u64 ts_ns;
-    u32 pid;
-    u32 uid;
-    u16 port; /* host order */
-    u8 family;
-    u8 proto;
-    u8 verdict;
-    u8 pad[3];
-    u8 addr[16];
+    __u64 ts_ns;
+    __u32 pid;
+    __u32 uid;
+    __u16 port; /* host order */
+    __u8 family;
+    __u8 proto;
+    __u8 verdict;
+    __u8 pad[3];
+    __u8 addr[16];
     char comm[16];
 };
 
-BPF_ARRAY(config, struct gate_config, 1);
-BPF_HASH(exempt, u64, u8, 1024);
-BPF_LPM_TRIE(allow4, struct lpm_key4, u8, 65536);
-BPF_LPM_TRIE(allow6, struct lpm_key6, u8, 65536);
-BPF_TABLE("lru_hash", u64, struct dns_origin, dns_origins, 16384);
-BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
-BPF_RINGBUF_OUTPUT(events, 64); /* 64 pages = 256 KiB */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct gate_config);
+} config SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1024);
+    __type(key, __u64);
+    __type(value, __u8);
+} exempt SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(max_entries, 65536);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct lpm_key4);
+    __type(value, __u8);
+} allow4 SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(max_entries, 65536);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct lpm_key6);
+    __type(value, __u8);
+} allow6 SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 16384);
+    __type(key, __u64); /* socket cookie */
+    __type(value, struct origin);
+} dns_origins SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 16384);
+    __type(key, __u64); /* socket cookie */
+    __type(value, struct origin);
+} proxy_origins SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 16384);
+    __type(key, struct proxy_client);
+    __type(value, struct origin);
+} proxy_clients SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, COUNTER_SLOTS);
+    __type(key, __u32);
+    __type(value, __u64);
+} counters SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 256 * 1024);
+} events SEC(".maps");
 
 static __always_inline struct gate_config *gate_config(void) {
-    int zero = 0;
-    return config.lookup(&zero);
+    __u32 zero = 0;
+    return bpf_map_lookup_elem(&config, &zero);
 }
 
-static __always_inline void count(int slot) {
-    u64 *value = counters.lookup(&slot);
+static __always_inline void count(__u32 slot) {
+    __u64 *value = bpf_map_lookup_elem(&counters, &slot);
     if (value)
         *value += 1; /* per-CPU slot: no atomics needed */
 }
 
-static __always_inline u16 port_to_host(u32 port) {
+static __always_inline __u16 port_to_host(__u32 port) {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    return (u16)(((port & 0xff) << 8) | ((port >> 8) & 0xff));
+    return (__u16)(((port & 0xff) << 8) | ((port >> 8) & 0xff));
 #else
-    return (u16)port;
+    return (__u16)port;
 #endif
 }
 
 /* Exempt when the task's own cgroup or any ancestor is in the exempt map (system.slice, init.scope). */
 static __always_inline int task_is_exempt(void) {
-    u64 id = bpf_get_current_cgroup_id();
-    if (exempt.lookup(&id))
+    __u64 id = bpf_get_current_cgroup_id();
+    if (bpf_map_lookup_elem(&exempt, &id))
         return 1;
 #pragma unroll
     for (int level = 0; level < GATE_MAX_ANCESTOR_LEVELS; level++) {
         id = bpf_get_current_ancestor_cgroup_id(level);
         if (id == 0) /* deeper than the task's own cgroup */
             break;
-        if (exempt.lookup(&id))
+        if (bpf_map_lookup_elem(&exempt, &id))
             return 1;
     }
     return 0;
 }
 
-static __always_inline u32 task_pid(struct gate_config *cfg) {
+static __always_inline __u32 task_pid(struct gate_config *cfg) {
     if (cfg->pidns_dev != 0 || cfg->pidns_ino != 0) {
         struct bpf_pidns_info ns = {};
         if (bpf_get_ns_current_pid_tgid(cfg->pidns_dev, cfg->pidns_ino, &ns, sizeof(ns)) == 0)
@@ -129,17 +211,17 @@ static __always_inline u32 task_pid(struct gate_config *cfg) {
 }
 
 /* addr points at 4 (AF_INET) or 16 (AF_INET6) bytes in network order. */
-static __always_inline void emit(struct bpf_sock_addr *ctx, struct gate_config *cfg, u8 verdict, u32 family,
-                                 u32 *addr, u32 port) {
+static __always_inline void emit(struct bpf_sock_addr *ctx, struct gate_config *cfg, __u8 verdict, __u32 family,
+                                 __u32 *addr, __u32 port) {
     struct gate_event event = {};
     event.ts_ns = bpf_ktime_get_ns();
     event.pid = task_pid(cfg);
-    event.uid = (u32)bpf_get_current_uid_gid();
-    event.family = (u8)family;
-    event.proto = (u8)ctx->protocol;
+    event.uid = (__u32)bpf_get_current_uid_gid();
+    event.family = (__u8)family;
+    event.proto = (__u8)ctx->protocol;
     event.verdict = verdict;
     event.port = port_to_host(port);
-    u32 *words = (u32 *)event.addr;
+    __u32 *words = (__u32 *)event.addr;
     words[0] = addr[0];
     if (family == GATE_AF_INET6) {
         words[1] = addr[1];
@@ -147,24 +229,47 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, struct gate_config *
         words[3] = addr[3];
     }
     bpf_get_current_comm(&event.comm, sizeof(event.comm));
-    if (events.ringbuf_output(&event, sizeof(event), 0) != 0)
+    if (bpf_ringbuf_output(&events, &event, sizeof(event), 0) != 0)
         count(COUNTER_EVENTS_DROPPED);
 }
 
-static __always_inline int ip4_allowed(u32 ip4) {
+/* The allow map entry for an IPv4 address: 0 (none), ALLOW_LEARNED or ALLOW_STATIC. */
+static __always_inline __u8 ip4_entry(__u32 ip4) {
     struct lpm_key4 key = {};
     key.prefixlen = 32;
-    *(u32 *)key.addr = ip4;
-    return allow4.lookup(&key) != 0;
+    *(__u32 *)key.addr = ip4;
+    __u8 *value = bpf_map_lookup_elem(&allow4, &key);
+    return value ? *value : 0;
 }
 
-static __always_inline int ip4_is_local(u32 ip4) {
-    u8 *bytes = (u8 *)&ip4;
+static __always_inline int ip4_is_local(__u32 ip4) {
+    __u8 *bytes = (__u8 *)&ip4;
     return bytes[0] == 127 || ip4 == 0; /* 127/8 and 0.0.0.0 (which connects to this host) */
 }
 
+/* Instance metadata (169.254.169.254, fd00:ec2::254) holds the machine's credentials: only the machine's
+ * root services, which are exempt, may ask it. Refused whatever the allow maps say, even in log mode. */
+static __always_inline int ip4_is_metadata(__u32 ip4) {
+    __u8 *bytes = (__u8 *)&ip4;
+    return bytes[0] == 169 && bytes[1] == 254 && bytes[2] == 169 && bytes[3] == 254;
+}
+
+static __always_inline int ip6_is_metadata(__u32 *addr) {
+    __u8 *bytes = (__u8 *)addr;
+    return bytes[0] == 0xfd && bytes[1] == 0x00 && bytes[2] == 0x0e && bytes[3] == 0xc2 && addr[1] == 0 && addr[2] == 0 &&
+           bytes[12] == 0 && bytes[13] == 0 && bytes[14] == 0x02 && bytes[15] == 0x54;
+}
+
+static __always_inline int forbid(struct bpf_sock_addr *ctx, struct gate_config *cfg, __u32 family, __u32 *addr,
+                                  __u32 port) {
+    count(COUNTER_DENIED);
+    emit(ctx, cfg, VERDICT_DENY, family, addr, port);
+    return 0;
+}
+
 /* Neither allowlisted nor local: deny, or in log mode allow and report that enforcement would deny. */
-static __always_inline int refuse(struct bpf_sock_addr *ctx, struct gate_config *cfg, u32 family, u32 *addr, u32 port) {
+static __always_inline int refuse(struct bpf_sock_addr *ctx, struct gate_config *cfg, __u32 family, __u32 *addr,
+                                  __u32 port) {
     if (cfg->mode == GATE_MODE_LOG) {
         count(COUNTER_WOULD_DENY);
         emit(ctx, cfg, VERDICT_WOULD_DENY, family, addr, port);
@@ -175,35 +280,56 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, struct gate_config 
     return 0; /* connect()/sendmsg() fail with EPERM */
 }
 
-static __always_inline int permit(struct bpf_sock_addr *ctx, struct gate_config *cfg, u32 family, u32 *addr, u32 port) {
+static __always_inline int permit(struct bpf_sock_addr *ctx, struct gate_config *cfg, __u32 family, __u32 *addr,
+                                  __u32 port) {
     count(COUNTER_ALLOWED);
     if (cfg->audit_allows)
         emit(ctx, cfg, VERDICT_ALLOW, family, addr, port);
     return 1;
 }
 
+static __always_inline void remember(void *map, struct bpf_sock_addr *ctx, __u32 family, __u32 *addr, __u32 port) {
+    struct origin origin = {};
+    origin.addr[0] = addr[0];
+    if (family == GATE_AF_INET6) {
+        origin.addr[1] = addr[1];
+        origin.addr[2] = addr[2];
+        origin.addr[3] = addr[3];
+    }
+    origin.port = port;
+    origin.family = family;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    bpf_map_update_elem(map, &cookie, &origin, BPF_ANY);
+}
+
+/* What the enforcement mode makes of a non-local destination whose allow entry is `entry`:
+ * 1 pass directly, 0 refuse, 2 send to the forwarder (TCP connects only). */
+static __always_inline int route(struct gate_config *cfg, __u8 entry, int tcp_connect) {
+    if (cfg->mode == GATE_MODE_LOG || cfg->enforcement == GATE_ENFORCEMENT_EBPF || !tcp_connect)
+        return entry != 0;
+    if (entry == ALLOW_STATIC)
+        return 1;
+    if (cfg->enforcement == GATE_ENFORCEMENT_BOTH && entry == 0)
+        return 0;
+    return 2;
+}
+
 /* ---- IPv4 ------------------------------------------------------------------------------------- */
 
-static __always_inline int gate4(struct bpf_sock_addr *ctx, int remember_dns) {
+static __always_inline int gate4(struct bpf_sock_addr *ctx, int remember_dns, int tcp_connect) {
     struct gate_config *cfg = gate_config();
     if (!cfg)
         return 0; /* cannot happen for an array map; fail closed anyway */
     if (task_is_exempt())
         return 1;
 
-    u32 addr[4] = {};
+    __u32 addr[4] = {};
     addr[0] = ctx->user_ip4;
-    u32 port = ctx->user_port;
+    __u32 port = ctx->user_port;
 
     if (port_to_host(port) == GATE_DNS_PORT && cfg->resolver_port4 != 0) {
-        if (remember_dns) {
-            struct dns_origin origin = {};
-            origin.addr[0] = addr[0];
-            origin.port = port;
-            origin.family = GATE_AF_INET;
-            u64 cookie = bpf_get_socket_cookie(ctx);
-            dns_origins.update(&cookie, &origin);
-        }
+        if (remember_dns)
+            remember(&dns_origins, ctx, GATE_AF_INET, addr, port);
         ctx->user_ip4 = cfg->resolver_ip4;
         ctx->user_port = cfg->resolver_port4;
         count(COUNTER_REDIRECTED);
@@ -213,31 +339,62 @@ static __always_inline int gate4(struct bpf_sock_addr *ctx, int remember_dns) {
     }
     if (ip4_is_local(addr[0]))
         return 1;
-    if (ip4_allowed(addr[0]))
+    if (ip4_is_metadata(addr[0]))
+        return forbid(ctx, cfg, GATE_AF_INET, addr, port);
+    int decision = route(cfg, ip4_entry(addr[0]), tcp_connect);
+    if (decision == 2 && cfg->proxy_port4 != 0) {
+        remember(&proxy_origins, ctx, GATE_AF_INET, addr, port);
+        ctx->user_ip4 = cfg->proxy_ip4;
+        ctx->user_port = cfg->proxy_port4;
+        count(COUNTER_PROXIED);
+        if (cfg->audit_allows)
+            emit(ctx, cfg, VERDICT_PROXY, GATE_AF_INET, addr, port);
+        return 1;
+    }
+    if (decision == 1)
         return permit(ctx, cfg, GATE_AF_INET, addr, port);
     return refuse(ctx, cfg, GATE_AF_INET, addr, port);
 }
 
+SEC("cgroup/connect4")
 int gate_connect4(struct bpf_sock_addr *ctx) {
     /* Connected UDP (glibc's resolver) reads replies with recvfrom and checks their source. */
-    return gate4(ctx, ctx->protocol == GATE_IPPROTO_UDP);
+    int udp = ctx->protocol == GATE_IPPROTO_UDP;
+    return gate4(ctx, udp, ctx->protocol == GATE_IPPROTO_TCP);
 }
 
+SEC("cgroup/sendmsg4")
 int gate_sendmsg4(struct bpf_sock_addr *ctx) {
-    return gate4(ctx, 1);
+    return gate4(ctx, 1, 0);
 }
 
+SEC("cgroup/recvmsg4")
 int gate_recvmsg4(struct bpf_sock_addr *ctx) {
     struct gate_config *cfg = gate_config();
     if (!cfg || ctx->user_ip4 != cfg->resolver_ip4 || ctx->user_port != cfg->resolver_port4)
         return 1;
-    u64 cookie = bpf_get_socket_cookie(ctx);
-    struct dns_origin *origin = dns_origins.lookup(&cookie);
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct origin *origin = bpf_map_lookup_elem(&dns_origins, &cookie);
     if (origin && origin->family == GATE_AF_INET) {
         ctx->user_ip4 = origin->addr[0];
         ctx->user_port = origin->port;
     }
     return 1; /* recvmsg hooks must return 1 */
+}
+
+/* A proxied socket's peer is where the client meant to connect, not the forwarder. */
+SEC("cgroup/getpeername4")
+int gate_getpeername4(struct bpf_sock_addr *ctx) {
+    struct gate_config *cfg = gate_config();
+    if (!cfg || cfg->proxy_port4 == 0 || ctx->user_ip4 != cfg->proxy_ip4 || ctx->user_port != cfg->proxy_port4)
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct origin *origin = bpf_map_lookup_elem(&proxy_origins, &cookie);
+    if (origin && origin->family == GATE_AF_INET) {
+        ctx->user_ip4 = origin->addr[0];
+        ctx->user_port = origin->port;
+    }
+    return 1;
 }
 
 /* ---- IPv6 ------------------------------------------------------------------------------------- */
@@ -251,52 +408,44 @@ int gate_recvmsg4(struct bpf_sock_addr *ctx) {
 #define WORD_ONE 0x00000001
 #endif
 
-static __always_inline int ip6_is_v4_mapped(u32 *addr) {
+static __always_inline int ip6_is_v4_mapped(__u32 *addr) {
     return addr[0] == 0 && addr[1] == 0 && addr[2] == WORD_V4_MAPPED; /* ::ffff:0:0/96 */
 }
 
-static __always_inline int ip6_is_local(u32 *addr) {
+static __always_inline int ip6_is_local(__u32 *addr) {
     /* :: (connects to this host) and ::1 */
     return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && (addr[3] == 0 || addr[3] == WORD_ONE);
 }
 
-static __always_inline int ip6_allowed(u32 *addr) {
+static __always_inline __u8 ip6_entry(__u32 *addr) {
     struct lpm_key6 key = {};
     key.prefixlen = 128;
-    u32 *words = (u32 *)key.addr;
+    __u32 *words = (__u32 *)key.addr;
     words[0] = addr[0];
     words[1] = addr[1];
     words[2] = addr[2];
     words[3] = addr[3];
-    return allow6.lookup(&key) != 0;
+    __u8 *value = bpf_map_lookup_elem(&allow6, &key);
+    return value ? *value : 0;
 }
 
-static __always_inline int gate6(struct bpf_sock_addr *ctx, int remember_dns) {
+static __always_inline int gate6(struct bpf_sock_addr *ctx, int remember_dns, int tcp_connect) {
     struct gate_config *cfg = gate_config();
     if (!cfg)
         return 0;
     if (task_is_exempt())
         return 1;
 
-    u32 addr[4];
+    __u32 addr[4];
     addr[0] = ctx->user_ip6[0];
     addr[1] = ctx->user_ip6[1];
     addr[2] = ctx->user_ip6[2];
     addr[3] = ctx->user_ip6[3];
-    u32 port = ctx->user_port;
+    __u32 port = ctx->user_port;
 
     if (port_to_host(port) == GATE_DNS_PORT && cfg->resolver_port6 != 0) {
-        if (remember_dns) {
-            struct dns_origin origin = {};
-            origin.addr[0] = addr[0];
-            origin.addr[1] = addr[1];
-            origin.addr[2] = addr[2];
-            origin.addr[3] = addr[3];
-            origin.port = port;
-            origin.family = GATE_AF_INET6;
-            u64 cookie = bpf_get_socket_cookie(ctx);
-            dns_origins.update(&cookie, &origin);
-        }
+        if (remember_dns)
+            remember(&dns_origins, ctx, GATE_AF_INET6, addr, port);
         ctx->user_ip6[0] = cfg->resolver_ip6[0];
         ctx->user_ip6[1] = cfg->resolver_ip6[1];
         ctx->user_ip6[2] = cfg->resolver_ip6[2];
@@ -309,40 +458,63 @@ static __always_inline int gate6(struct bpf_sock_addr *ctx, int remember_dns) {
     }
     if (ip6_is_local(addr))
         return 1;
+    __u8 entry;
     if (ip6_is_v4_mapped(addr)) {
         /* An AF_INET6 socket reaching IPv4: the v4 rules apply, never allow6 */
         if (ip4_is_local(addr[3]))
             return 1;
-        if (ip4_allowed(addr[3]))
-            return permit(ctx, cfg, GATE_AF_INET6, addr, port);
-        return refuse(ctx, cfg, GATE_AF_INET6, addr, port);
+        if (ip4_is_metadata(addr[3]))
+            return forbid(ctx, cfg, GATE_AF_INET6, addr, port);
+        entry = ip4_entry(addr[3]);
+    } else {
+        if (ip6_is_metadata(addr))
+            return forbid(ctx, cfg, GATE_AF_INET6, addr, port);
+        entry = ip6_entry(addr);
     }
-    if (ip6_allowed(addr))
+    int decision = route(cfg, entry, tcp_connect);
+    if (decision == 2 && cfg->proxy_port6 != 0) {
+        /* The forwarder's IPv6 listener, also for v4-mapped destinations: the socket stays AF_INET6. */
+        remember(&proxy_origins, ctx, GATE_AF_INET6, addr, port);
+        ctx->user_ip6[0] = cfg->proxy_ip6[0];
+        ctx->user_ip6[1] = cfg->proxy_ip6[1];
+        ctx->user_ip6[2] = cfg->proxy_ip6[2];
+        ctx->user_ip6[3] = cfg->proxy_ip6[3];
+        ctx->user_port = cfg->proxy_port6;
+        count(COUNTER_PROXIED);
+        if (cfg->audit_allows)
+            emit(ctx, cfg, VERDICT_PROXY, GATE_AF_INET6, addr, port);
+        return 1;
+    }
+    if (decision == 1)
         return permit(ctx, cfg, GATE_AF_INET6, addr, port);
     return refuse(ctx, cfg, GATE_AF_INET6, addr, port);
 }
 
+SEC("cgroup/connect6")
 int gate_connect6(struct bpf_sock_addr *ctx) {
-    return gate6(ctx, ctx->protocol == GATE_IPPROTO_UDP);
+    int udp = ctx->protocol == GATE_IPPROTO_UDP;
+    return gate6(ctx, udp, ctx->protocol == GATE_IPPROTO_TCP);
 }
 
+SEC("cgroup/sendmsg6")
 int gate_sendmsg6(struct bpf_sock_addr *ctx) {
-    return gate6(ctx, 1);
+    return gate6(ctx, 1, 0);
 }
 
 /* On an AF_INET6 socket an unconnected query to ::ffff:a.b.c.d passes the IPv4 send hook (redirected to the
  * IPv4 resolver), but its reply comes through this hook as ::ffff:<resolver v4>: restore both kinds. */
+SEC("cgroup/recvmsg6")
 int gate_recvmsg6(struct bpf_sock_addr *ctx) {
     struct gate_config *cfg = gate_config();
     if (!cfg)
         return 1;
-    u32 source[4];
+    __u32 source[4];
     source[0] = ctx->user_ip6[0];
     source[1] = ctx->user_ip6[1];
     source[2] = ctx->user_ip6[2];
     source[3] = ctx->user_ip6[3];
-    u32 port = ctx->user_port;
-    u32 family;
+    __u32 port = ctx->user_port;
+    __u32 family;
     if (port == cfg->resolver_port6 && source[0] == cfg->resolver_ip6[0] && source[1] == cfg->resolver_ip6[1] &&
         source[2] == cfg->resolver_ip6[2] && source[3] == cfg->resolver_ip6[3])
         family = GATE_AF_INET6;
@@ -350,8 +522,8 @@ int gate_recvmsg6(struct bpf_sock_addr *ctx) {
         family = GATE_AF_INET;
     else
         return 1;
-    u64 cookie = bpf_get_socket_cookie(ctx);
-    struct dns_origin *origin = dns_origins.lookup(&cookie);
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct origin *origin = bpf_map_lookup_elem(&dns_origins, &cookie);
     if (!origin || origin->family != family)
         return 1;
     if (family == GATE_AF_INET6) {
@@ -368,3 +540,43 @@ int gate_recvmsg6(struct bpf_sock_addr *ctx) {
     ctx->user_port = origin->port;
     return 1;
 }
+
+SEC("cgroup/getpeername6")
+int gate_getpeername6(struct bpf_sock_addr *ctx) {
+    struct gate_config *cfg = gate_config();
+    if (!cfg || cfg->proxy_port6 == 0 || ctx->user_port != cfg->proxy_port6 || ctx->user_ip6[0] != cfg->proxy_ip6[0] ||
+        ctx->user_ip6[1] != cfg->proxy_ip6[1] || ctx->user_ip6[2] != cfg->proxy_ip6[2] ||
+        ctx->user_ip6[3] != cfg->proxy_ip6[3])
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct origin *origin = bpf_map_lookup_elem(&proxy_origins, &cookie);
+    if (origin && origin->family == GATE_AF_INET6) {
+        ctx->user_ip6[0] = origin->addr[0];
+        ctx->user_ip6[1] = origin->addr[1];
+        ctx->user_ip6[2] = origin->addr[2];
+        ctx->user_ip6[3] = origin->addr[3];
+        ctx->user_port = origin->port;
+    }
+    return 1;
+}
+
+/* ---- the forwarder's side ------------------------------------------------------------------------ */
+
+/* When a proxied socket sends its SYN its local port is known: file the original destination under it,
+ * where the forwarder (seeing only the client's address) can look it up. */
+SEC("sockops")
+int gate_sockops(struct bpf_sock_ops *skops) {
+    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(skops);
+    struct origin *origin = bpf_map_lookup_elem(&proxy_origins, &cookie);
+    if (!origin)
+        return 1;
+    struct proxy_client client = {};
+    client.family = skops->family;
+    client.port = skops->local_port;
+    bpf_map_update_elem(&proxy_clients, &client, origin, BPF_ANY);
+    return 1;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,53 +1,65 @@
-"""The egress gate's loader: compiles `gate.bpf.c` with BCC, attaches it to a cgroup and edits its maps.
+"""The egress gate's loader: loads the compiled `gate.bpf.c`, attaches it to a cgroup and edits its maps.
 
-The six cgroup sock_addr programs decide every connect() and unconnected UDP send of the tasks under
-one cgroup v2 directory (except exempt cgroups): loopback and allowlisted addresses pass, DNS goes to
-the sandbox's resolver, everything else fails with EPERM (or, in log mode, passes and is reported).
+The cgroup sock_addr programs decide every connect() and unconnected UDP send of the tasks under one
+cgroup v2 directory (except exempt cgroups): loopback and allowlisted addresses pass, DNS goes to the
+sandbox's resolver, in the proxy modes TCP goes to the sandbox's L7 forwarder, and everything else fails
+with EPERM (or, in log mode, passes and is reported).
 
 Attachment is legacy `BPF_PROG_ATTACH` without flags, on purpose: such programs stay attached when this
 process exits, so a crashed daemon leaves the sandbox closed, and a restarted daemon's attach replaces
 them atomically, with no moment in which nothing is attached.
+
+The object is compiled ahead of time (ebpf/objects.py) and loaded with libbpf in milliseconds, instead
+of compiling with BCC in the daemon on every start.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import ipaddress
 import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from ebpf import libbpf
+from ebpf.objects import ObjectError, compiled_object
 
 SOURCE = Path(__file__).with_name("gate.bpf.c")
 
 Mode = Literal["enforce", "log"]
+Enforcement = Literal["ebpf", "proxy", "both"]
 _MODES: dict[str, int] = {"enforce": 0, "log": 1}
+_ENFORCEMENTS: dict[str, int] = {"ebpf": 0, "proxy": 1, "both": 2}
 
-# (function in gate.bpf.c, enum bpf_attach_type from uapi/linux/bpf.h). Receive hooks come first so
-# that replies can already be restored when the first query is redirected.
-_PROGRAMS: tuple[tuple[str, int], ...] = (
-    ("gate_recvmsg4", 19),  # BPF_CGROUP_UDP4_RECVMSG
-    ("gate_recvmsg6", 20),  # BPF_CGROUP_UDP6_RECVMSG
-    ("gate_sendmsg4", 14),  # BPF_CGROUP_UDP4_SENDMSG
-    ("gate_sendmsg6", 15),  # BPF_CGROUP_UDP6_SENDMSG
-    ("gate_connect4", 10),  # BPF_CGROUP_INET4_CONNECT
-    ("gate_connect6", 11),  # BPF_CGROUP_INET6_CONNECT
+# Programs in gate.bpf.c. Receive and getpeername hooks come first, and the connect hooks last, so that
+# everything a redirected socket needs is in place before the first socket is redirected.
+_PROGRAMS = (
+    "gate_recvmsg4",
+    "gate_recvmsg6",
+    "gate_getpeername4",
+    "gate_getpeername6",
+    "gate_sockops",
+    "gate_sendmsg4",
+    "gate_sendmsg6",
+    "gate_connect4",
+    "gate_connect6",
 )
-_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
-COUNTERS = ("allowed", "denied", "would_deny", "redirected", "events_dropped")
-VERDICTS = ("allow", "deny", "would-deny", "redirect")
+COUNTERS = ("allowed", "denied", "would_deny", "redirected", "events_dropped", "proxied")
+VERDICTS = ("allow", "deny", "would-deny", "redirect", "proxy")
 _PROTOCOLS = {6: "tcp", 17: "udp"}
 _FAMILIES = {2: 4, 10: 6}
 
 # struct gate_event in gate.bpf.c
 _EVENT = struct.Struct("=QIIHBBB3x16s16s")
-
-# Debian's 6.1 headers, merged into one tree, for hosts without /lib/modules/$(uname -r)/{build,source}.
-_MERGED_HEADERS = Path("/opt/bcc-kheaders")
+# struct gate_config: mode, audit_allows, resolver ip4/port4, resolver ip6[4]/port6, enforcement,
+# pidns dev/ino, proxy ip4/port4, proxy ip6[4]/port6, reserved.
+_CONFIG = struct.Struct("=II4sI16sIIQQ4sI16sII")
+# struct origin: addr[4] (16 bytes), port (network order in the low 16 bits), family.
+_ORIGIN = struct.Struct("=16sII")
+_ALLOW_LEARNED, _ALLOW_STATIC = 1, 2
 
 
 class GateError(Exception):
@@ -123,55 +135,37 @@ def _kernel_dev(dev: int) -> int:
     return (os.major(dev) << 20) | os.minor(dev)
 
 
-def _net_u32(packed: bytes) -> int:
-    """Four network-order bytes as the native u32 whose memory holds them (how bpf_sock_addr stores addresses)."""
-    value: int = struct.unpack("=I", packed)[0]
-    return value
-
-
 def _net_port(port: int) -> int:
+    """A host-order port as the u32 bpf_sock_addr holds: network-order bytes in the low 16 bits."""
     value: int = struct.unpack("=H", struct.pack("!H", port))[0]
     return value
 
 
-def _ensure_kernel_headers() -> None:
-    """BCC needs kernel headers; point it at the merged Debian tree when the /lib/modules links are missing."""
-    release = os.uname().release
-    linked = any(Path(f"/lib/modules/{release}/{part}/include/linux/kconfig.h").exists() for part in ("build", "source"))
-    if not linked and "BCC_KERNEL_SOURCE" not in os.environ and (_MERGED_HEADERS / "include/linux/kconfig.h").exists():
-        os.environ["BCC_KERNEL_SOURCE"] = str(_MERGED_HEADERS)
+def _host_port(port: int) -> int:
+    value: int = struct.unpack("!H", struct.pack("=H", port & 0xFFFF))[0]
+    return value
 
 
-MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages from this process now
-_COMPILER_LIBRARIES = ("LLVM", "clang", "libbcc")
+def _endpoint(address: str, port: int, family: int) -> tuple[bytes, int]:
+    """(4 or 16 address bytes, network-order port) for the config, checking the address's family."""
+    parsed = ipaddress.ip_address(address)
+    if parsed.version != family:
+        raise GateError(f"{address} is not an IPv{family} address")
+    return parsed.packed, _net_port(port)
 
 
-def release_compiler_memory() -> None:
-    """Give back what compiling cost: the daemon keeps the programs, not the compiler.
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the gate sends what it redirects: the resolver (DNS) and the L7 forwarder (proxy modes)."""
 
-    BCC runs clang/LLVM in-process; after a compile the daemon held about 135 MB, most of it LLVM's
-    code pages and freed heap (measured). Trimming the heap and paging the compiler libraries out
-    brings it to about 35 MB; map updates afterwards touch only a few pages of libbcc. Best effort:
-    an old kernel without MADV_PAGEOUT just keeps the memory.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    libc.malloc_trim(0)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    with open("/proc/self/maps", encoding="utf-8") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and any(name in fields[5] for name in _COMPILER_LIBRARIES):
-                start, end = (int(value, 16) for value in fields[0].split("-"))
-                libc.madvise(start, end - start, MADV_PAGEOUT)
+    resolver_v4: tuple[str, int]
+    resolver_v6: tuple[str, int]
+    proxy_v4: tuple[str, int] | None = None
+    proxy_v6: tuple[str, int] | None = None
 
 
 class EgressGate:
-    """The compiled programs and their maps. Compiling takes a fraction of a second (clang runs in-process)."""
+    """The loaded programs and their maps. Loading takes milliseconds; the object was compiled earlier."""
 
     def __init__(
         self,
@@ -181,62 +175,60 @@ class EgressGate:
         mode: Mode,
         audit_allows: bool = False,
         pidns: tuple[int, int] | None = None,
+        enforcement: Enforcement = "ebpf",
+        proxy_v4: tuple[str, int] | None = None,
+        proxy_v6: tuple[str, int] | None = None,
     ) -> None:
-        _ensure_kernel_headers()
-        from bcc import BPF
-
+        if enforcement != "ebpf" and (proxy_v4 is None or proxy_v6 is None):
+            raise GateError(f"enforcement {enforcement!r} needs the forwarder's addresses (proxy_v4, proxy_v6)")
+        self._endpoints = Endpoints(resolver_v4, resolver_v6, proxy_v4, proxy_v6)
+        self._settings = {
+            "mode": _MODES[mode],
+            "audit_allows": int(audit_allows),
+            "enforcement": _ENFORCEMENTS[enforcement],
+            "pidns_dev": _kernel_dev(pidns[0]) if pidns else 0,
+            "pidns_ino": pidns[1] if pidns else 0,
+        }
         try:
-            self._bpf: Any = BPF(src_file=str(SOURCE).encode())
-            self._functions: list[tuple[str, int, Any]] = [
-                (name, attach_type, self._bpf.load_func(name.encode(), _PROG_TYPE_CGROUP_SOCK_ADDR, attach_type=attach_type))
-                for name, attach_type in _PROGRAMS
-            ]
-        except Exception as exc:  # BCC raises bare Exception for compile and verifier failures
-            raise GateError(f"compiling {SOURCE.name}: {exc}") from exc
+            self._object = libbpf.BpfObject(compiled_object(SOURCE))
+            self._programs = [self._object.program(name) for name in _PROGRAMS]
+            self._maps = {
+                name: self._object.map(name)
+                for name in ("config", "exempt", "allow4", "allow6", "counters", "events", "proxy_clients")
+            }
+        except (OSError, ObjectError) as exc:
+            raise GateError(f"loading {SOURCE.name}: {exc}") from exc
         self._events: list[GateEvent] = []
-        self._bpf[b"events"].open_ring_buffer(self._on_event)
+        self._ring = libbpf.RingBuffer(self._maps["events"], lambda raw: self._events.append(parse_event(raw)))
+        self._write_config()
 
-        ip4 = ipaddress.IPv4Address(resolver_v4[0]).packed
-        ip6 = ipaddress.IPv6Address(resolver_v6[0]).packed
-        config = self._bpf[b"config"]
-        leaf = config.Leaf()
-        leaf.mode = _MODES[mode]
-        leaf.audit_allows = int(audit_allows)
-        leaf.resolver_ip4 = _net_u32(ip4)
-        leaf.resolver_port4 = _net_port(resolver_v4[1])
-        for index in range(4):
-            leaf.resolver_ip6[index] = _net_u32(ip6[index * 4 : index * 4 + 4])
-        leaf.resolver_port6 = _net_port(resolver_v6[1])
-        if pidns is not None:
-            leaf.pidns_dev = _kernel_dev(pidns[0])
-            leaf.pidns_ino = pidns[1]
-        config[config.Key(0)] = leaf
-        release_compiler_memory()
+    def close(self) -> None:
+        """Release this process's handles; attached programs stay attached (fail closed)."""
+        self._ring.close()
+        self._object.close()
 
     # ---- attachment ------------------------------------------------------------------------------
     def attach(self, cgroup_dir: Path) -> None:
-        """Attach all six programs, replacing whatever an earlier loader attached there (no gap)."""
-        from bcc.libbcc import lib
-
+        """Attach every program, replacing whatever an earlier loader attached there (no gap)."""
         fd = self._open_cgroup(cgroup_dir)
         try:
-            for name, attach_type, function in self._functions:
-                result = lib.bpf_prog_attach(function.fd, fd, attach_type, 0)
-                if result < 0:
-                    raise GateError(f"attaching {name} to {cgroup_dir}: {os.strerror(-result)}")
+            for program in self._programs:
+                try:
+                    libbpf.attach_to_cgroup(program, fd)
+                except OSError as exc:
+                    raise GateError(f"attaching {program.name} to {cgroup_dir}: {exc}") from exc
         finally:
             os.close(fd)
 
     def detach(self, cgroup_dir: Path) -> None:
         """Detach whatever gate programs are attached there (ours or a previous loader's); idempotent."""
-        from bcc.libbcc import lib
-
         fd = self._open_cgroup(cgroup_dir)
         try:
-            for name, attach_type, function in self._functions:
-                result = lib.bpf_prog_detach2(function.fd, fd, attach_type)
-                if result < 0 and -result != errno.ENOENT:
-                    raise GateError(f"detaching {name} from {cgroup_dir}: {os.strerror(-result)}")
+            for program in reversed(self._programs):  # connect hooks first: stop redirecting before the rest goes
+                try:
+                    libbpf.detach_from_cgroup(program, fd)
+                except OSError as exc:
+                    raise GateError(f"detaching {program.name} from {cgroup_dir}: {exc}") from exc
         finally:
             os.close(fd)
 
@@ -251,72 +243,111 @@ class EgressGate:
     def set_exempt(self, cgroup_ids: Iterable[int]) -> None:
         """Make these cgroups (and everything below them) ungated. New ids go in before stale ones leave,
         so a cgroup in both the old and the new set is never gated in between."""
-        exempt = self._bpf[b"exempt"]
-        wanted = {int(cgroup) for cgroup in cgroup_ids}
-        for cgroup in wanted:
-            exempt[exempt.Key(cgroup)] = exempt.Leaf(1)
-        for key in list(exempt.keys()):
-            if key.value not in wanted:
-                del exempt[key]
+        exempt = self._maps["exempt"]
+        wanted = {struct.pack("=Q", int(cgroup)) for cgroup in cgroup_ids}
+        for key in wanted:
+            exempt.update(key, b"\x01")
+        for key in exempt.keys():
+            if key not in wanted:
+                exempt.delete(key)
 
-    def allow(self, network: str) -> None:
-        """Let the sandbox reach an address or network (`1.2.3.4`, `10.0.0.0/8`, `2001:db8::/32`)."""
+    def allow(self, network: str, *, static: bool = False) -> None:
+        """Let the sandbox reach an address or network (`1.2.3.4`, `10.0.0.0/8`, `2001:db8::/32`).
+
+        `static` entries (allowedCIDRs) are reached directly even in the proxy modes; others (addresses
+        an allowed name resolved to) go through the forwarder there.
+        """
         trie, key = self._trie_key(network)
-        trie[key] = trie.Leaf(1)
+        trie.update(key, bytes([_ALLOW_STATIC if static else _ALLOW_LEARNED]))
 
     def revoke(self, network: str) -> None:
         """Remove exactly the entry `allow(network)` made; new connections fail, open ones stay up."""
         trie, key = self._trie_key(network)
-        try:
-            del trie[key]
-        except KeyError:
-            pass
+        trie.delete(key)
 
     def entries(self) -> list[str]:
         """What the kernel's allow tries hold now, as CIDR text (`10.0.0.5/32`), IPv4 first."""
         found: list[str] = []
-        for name, version in ((b"allow4", 4), (b"allow6", 6)):
-            for key in self._bpf[name].keys():
-                address = ipaddress.ip_address(bytes(key.addr))
-                assert address.version == version
-                found.append(f"{address}/{key.prefixlen}")
+        for name, size in (("allow4", 4), ("allow6", 16)):
+            for key in self._maps[name].keys():
+                prefixlen = struct.unpack_from("=I", key)[0]
+                found.append(f"{ipaddress.ip_address(key[4 : 4 + size])}/{prefixlen}")
         return found
 
-    def _trie_key(self, network: str) -> tuple[Any, Any]:
+    def _trie_key(self, network: str) -> tuple[libbpf.Map, bytes]:
         version, prefixlen, packed = allow_key(network)
-        trie = self._bpf[b"allow4" if version == 4 else b"allow6"]
-        key = trie.Key()
-        key.prefixlen = prefixlen
-        ctypes.memmove(key.addr, packed, len(packed))
-        return trie, key
+        return self._maps["allow4" if version == 4 else "allow6"], struct.pack("=I", prefixlen) + packed
 
     def set_mode(self, mode: Mode) -> None:
         """Enforce (deny with EPERM) or log (allow and report would-deny); takes effect on the next call."""
-        self._update_config(mode=_MODES[mode])
+        self._settings["mode"] = _MODES[mode]
+        self._write_config()
 
     def set_audit_allows(self, audit_allows: bool) -> None:
         """Report every allowed connection and redirect too (learn mode needs every attempt)."""
-        self._update_config(audit_allows=int(audit_allows))
+        self._settings["audit_allows"] = int(audit_allows)
+        self._write_config()
 
-    def _update_config(self, **fields: int) -> None:
-        config = self._bpf[b"config"]
-        leaf = config[config.Key(0)]
-        for name, value in fields.items():
-            setattr(leaf, name, value)
-        config[config.Key(0)] = leaf
+    def set_enforcement(self, enforcement: Enforcement) -> None:
+        if enforcement != "ebpf" and self._endpoints.proxy_v4 is None:
+            raise GateError(f"enforcement {enforcement!r} needs the forwarder's addresses")
+        self._settings["enforcement"] = _ENFORCEMENTS[enforcement]
+        self._write_config()
+
+    def _write_config(self) -> None:
+        """The whole config value in one map update: the programs never see half a change."""
+        points = self._endpoints
+        resolver_ip4, resolver_port4 = _endpoint(*points.resolver_v4, family=4)
+        resolver_ip6, resolver_port6 = _endpoint(*points.resolver_v6, family=6)
+        proxy_ip4, proxy_port4 = _endpoint(*points.proxy_v4, family=4) if points.proxy_v4 else (bytes(4), 0)
+        proxy_ip6, proxy_port6 = _endpoint(*points.proxy_v6, family=6) if points.proxy_v6 else (bytes(16), 0)
+        settings = self._settings
+        value = _CONFIG.pack(
+            settings["mode"],
+            settings["audit_allows"],
+            resolver_ip4,
+            resolver_port4,
+            resolver_ip6,
+            resolver_port6,
+            settings["enforcement"],
+            settings["pidns_dev"],
+            settings["pidns_ino"],
+            proxy_ip4,
+            proxy_port4,
+            proxy_ip6,
+            proxy_port6,
+            0,
+        )
+        self._maps["config"].update(struct.pack("=I", 0), value)
+
+    # ---- the forwarder's lookups -----------------------------------------------------------------
+    def proxy_origin(self, family: int, client_port: int) -> tuple[str, int] | None:
+        """Where a proxied client (the forwarder sees its family and source port) meant to connect.
+
+        The entry is taken out: each connection is looked up once, and the map never fills with them.
+        """
+        key = struct.pack("=II", family, client_port)
+        clients = self._maps["proxy_clients"]
+        raw = clients.lookup(key)
+        if raw is None:
+            return None
+        clients.delete(key)
+        address, port, origin_family = _ORIGIN.unpack(raw[: _ORIGIN.size])
+        text = str(ipaddress.IPv4Address(address[:4])) if origin_family == 2 else str(ipaddress.IPv6Address(address))
+        return text, _host_port(port)
 
     # ---- observation -----------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """Decisions since compile, summed over CPUs."""
-        table = self._bpf[b"counters"]
-        return {name: int(table.sum(table.Key(index)).value) for index, name in enumerate(COUNTERS)}
+        """Decisions since load, summed over CPUs."""
+        table = self._maps["counters"]
+        totals: dict[str, int] = {}
+        for index, name in enumerate(COUNTERS):
+            per_cpu = table.lookup_per_cpu(struct.pack("=I", index))
+            totals[name] = sum(struct.unpack("=Q", value)[0] for value in per_cpu)
+        return totals
 
     def poll_events(self, timeout_ms: int) -> list[GateEvent]:
         """Wait up to `timeout_ms` for events and return all that are ready (oldest first). One reader only."""
-        self._bpf.ring_buffer_poll(timeout_ms)
+        self._ring.poll(timeout_ms)
         ready, self._events = self._events, []
         return ready
-
-    def _on_event(self, _context: Any, data: Any, size: int) -> int:
-        self._events.append(parse_event(ctypes.string_at(data, size)))
-        return 0

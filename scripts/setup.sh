@@ -13,6 +13,9 @@ APT_PACKAGES=(
     libbpfcc        # libbcc.so.0
     bpfcc-tools     # BCC tools (execsnoop, opensnoop, ...) for debugging
     bpftool         # inspect loaded BPF programs and maps
+    clang-14        # compiles the egress gate's BPF object (ebpf/objects.py)
+    libbpf-dev      # bpf_helpers.h for that compile
+    libbpf1         # libbpf.so.1: loads the compiled object (km-host-agent, tests)
     shellcheck      # the tests lint every compiled userdata.sh with it
     debootstrap     # bakes local images
     systemd-container  # systemd-nspawn: the local substrate's machines
@@ -179,10 +182,22 @@ elif ((IS_ROOT)); then
     die "$BCC_SRC missing although python3-bpfcc should be installed; try: apt-get install --reinstall python3-bpfcc"
 fi
 
-# 7. Summary.
+# 7. The BPF objects (compiled once; the daemon and the tests load them with libbpf).
+if objects_out="$("$VENV/bin/python" -m ebpf.objects 2>&1)"; then
+    objects_status="built ($(echo "$objects_out" | tr '\n' ' '))"
+else
+    printf '%s\n' "$objects_out" >&2
+    if ((IS_ROOT)); then
+        die "could not compile the BPF objects (output above); clang-14 and libbpf-dev are needed"
+    fi
+    objects_status="not built (needs clang-14 and libbpf-dev; root installs them)"
+fi
+
+# 8. Summary.
 log "ready in $ROOT:"
 log "  python: $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])') ($VENV)"
 log "  tools:  $VENV/bin/km, $VENV/bin/doit, $VENV/bin/pytest"
 log "  bcc:    $bcc_status"
+log "  bpf:    $objects_status"
 ((IS_ROOT)) || log "  not root: root-only tests (BPF, nspawn, netns) will be skipped"
 log "run the tests with: $VENV/bin/pytest"

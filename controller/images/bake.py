@@ -19,6 +19,7 @@ from pathlib import Path
 from controller.images.chroot import BakeError, run_in_chroot, run_logged
 from controller.images.recipe import RECIPES_DIR, LoadedRecipe, load_recipe, sandbox_requirements
 from controller.images.store import Image, ImageStore
+from ebpf.objects import ObjectError, build_all
 from host_agent.version import __version__
 
 Progress = Callable[[str], None]
@@ -146,11 +147,20 @@ test -f {KERNEL_HEADERS_DIR}/include/linux/kconfig.h
     run_in_chroot(rootfs, script, "installing kernel headers for BCC", log_file)
 
 
+def build_bpf_objects() -> None:
+    """Compile the BPF objects on this host (clang is here, not in the image)."""
+    try:
+        build_all()
+    except ObjectError as exc:
+        raise BakeError(f"building the BPF objects for the image: {exc}") from exc
+
+
 def _install_host_agent(rootfs: Path, log_file: Path) -> None:
     """km's wheel and the daemon's dependencies, fetched on the host and installed offline in the image."""
     wheels = rootfs / "tmp/km-wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build_bpf_objects()  # the wheel carries them: sandboxes load them and never compile
     run_logged([*pip, "wheel", "--no-deps", "-w", str(wheels), str(REPO_ROOT)], "building the km wheel", log_file)
     requirements = sandbox_requirements()
     run_logged(

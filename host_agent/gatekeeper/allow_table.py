@@ -27,7 +27,8 @@ DEFAULT_FLOOR_SECONDS = 60
 class AllowSink(Protocol):
     """Where entries really take effect: the BPF gate's allow maps (or a recording fake in tests)."""
 
-    def allow(self, network: str) -> None: ...
+    def allow(self, network: str, *, static: bool = False) -> None:
+        """`static`: an allowedCIDRs entry (reached directly even in the proxy modes), else a learned one."""
 
     def revoke(self, network: str) -> None: ...
 
@@ -49,6 +50,15 @@ def canonical_network(text: str) -> str:
     if network.prefixlen == network.max_prefixlen:
         return str(network.network_address)
     return str(network)
+
+
+def never_learned(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Addresses a DNS answer must never open: link-local (instance metadata lives there), loopback,
+    multicast and unspecified. An allowed name pointing at 169.254.169.254 (DNS rebinding, or a wildcard
+    suffix) would otherwise hand the agent the machine's credentials."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_link_local or address.is_loopback or address.is_multicast or address.is_unspecified
 
 
 class AllowTable:
@@ -86,7 +96,13 @@ class AllowTable:
         with self._lock:
             now = self.clock()
             for text, ttl in addresses:
-                key = canonical_network(str(ipaddress.ip_address(text.strip())))
+                address = ipaddress.ip_address(text.strip())
+                if never_learned(address):
+                    log.warning(
+                        "a DNS answer pointed at a non-routable address; not allowed", extra={"fields": {"address": str(address)}}
+                    )
+                    continue
+                key = canonical_network(str(address))
                 expiry = now + max(ttl, self.floor_seconds)
                 if key not in self._learned and key not in self._static:
                     self.sink.allow(key)
@@ -100,11 +116,12 @@ class AllowTable:
         wanted = {canonical_network(network) for network in networks}
         with self._lock:
             for key in sorted(wanted - self._static):
-                if key not in self._learned:
-                    self.sink.allow(key)
+                self.sink.allow(key, static=True)
                 self._static.add(key)
             for key in sorted(self._static - wanted):
-                if key not in self._learned:
+                if key in self._learned:
+                    self.sink.allow(key)  # still reachable, now as a learned entry
+                else:
                     self.sink.revoke(key)
                 self._static.discard(key)
 

@@ -1,4 +1,5 @@
-"""The daemon's egress gatekeeper: the BPF gate on the sandbox's cgroup tree plus the sandbox's resolver.
+"""The daemon's egress gatekeeper: the BPF gate on the sandbox's cgroup tree, the sandbox's resolver and,
+in the `proxy` and `both` enforcement modes, the L7 forwarder that TCP connections are sent through.
 
 The gate is attached at the machine's cgroup v2 root, not at the agent's slice: restarting a slice
 removes its directory and every program attached to it (measured), while the root lives as long as the
@@ -26,15 +27,17 @@ from host_agent.config import HostAgentConfig, SandboxIdentity
 from host_agent.gatekeeper.allow_table import AllowTable
 from host_agent.gatekeeper.connections import open_remote_addresses
 from host_agent.gatekeeper.names import NamePolicy
+from host_agent.gatekeeper.proxy import L7Proxy, ProxyDecision, upstream_resolve
 from host_agent.gatekeeper.resolver import QueryRecord, Resolver
 
 log = logging.getLogger("km-host-agent.gate")
 EXEMPT_CGROUPS = ("system.slice", "init.scope")
 RESOLV_CONF = Path("/etc/resolv.conf")
 LEARN_REPORT = Path("/var/lib/km-host-agent/learn-report.json")
-# A fixed port on the machine's loopback: the gate is compiled with it before the resolver binds, and
-# the daemon holds it from boot, before any agent could take it.
+# Fixed ports on the machine's loopback: the gate is configured with them before the resolver and the
+# forwarder bind, and the daemon holds them from boot, before any agent could take them.
 RESOLVER_PORT = 10053
+PROXY_PORT = 10080
 
 
 class GateError(Exception):
@@ -83,6 +86,8 @@ class Gatekeeper:
         self._lock = threading.Lock()
         self.gate: Any = None
         self.resolver: Resolver | None = None
+        self.proxy: L7Proxy | None = None
+        self.upstream: tuple[str, int] | None = None
         self.table: AllowTable | None = None
         self.policy = NamePolicy.from_lists(config.egress.allowed_dns_suffixes, config.egress.allowed_hosts)
 
@@ -92,6 +97,7 @@ class Gatekeeper:
 
         egress = self.config.egress
         upstream = parse_upstream(self.identity.dns_upstream) if self.identity.dns_upstream else upstream_from_resolv_conf()
+        self.upstream = upstream
         pid_ns = os.stat("/proc/self/ns/pid")
         self.gate = EgressGate(
             resolver_v4=("127.0.0.1", RESOLVER_PORT),
@@ -99,6 +105,9 @@ class Gatekeeper:
             mode=egress.mode,
             audit_allows=egress.mode == "log",
             pidns=(pid_ns.st_dev, pid_ns.st_ino),
+            enforcement=egress.enforcement,
+            proxy_v4=("127.0.0.1", PROXY_PORT),
+            proxy_v6=("::1", PROXY_PORT),
         )
         self.table = AllowTable(self.gate, is_in_use=open_remote_addresses)
         self.policy = NamePolicy.from_lists(egress.allowed_dns_suffixes, egress.allowed_hosts)
@@ -110,6 +119,8 @@ class Gatekeeper:
             on_query=self._on_query,
         )
         self.resolver.start()
+        if egress.enforcement != "ebpf":
+            self._start_proxy()
         self.table.set_static(egress.allowed_cidrs)
         exempt = [self.cgroup_root / name for name in EXEMPT_CGROUPS if (self.cgroup_root / name).is_dir()]
         self.gate.set_exempt([cgroup_id(path) for path in exempt])
@@ -121,6 +132,7 @@ class Gatekeeper:
                 "fields": {
                     "cgroup": str(self.cgroup_root),
                     "mode": egress.mode,
+                    "enforcement": egress.enforcement,
                     "resolver_port": self.resolver.port,
                     "upstream": f"{upstream[0]}:{upstream[1]}",
                     "exempt": [str(path) for path in exempt],
@@ -144,7 +156,25 @@ class Gatekeeper:
         if new.mode != old.mode:
             self.gate.set_mode(new.mode)
             self.gate.set_audit_allows(new.mode == "log")
+        if new.enforcement != old.enforcement:
+            if new.enforcement != "ebpf":
+                self._start_proxy()  # listening before the gate sends anything there
+            self.gate.set_enforcement(new.enforcement)
         self.resolver.policy = self._resolver_policy()
+
+    def _start_proxy(self) -> None:
+        """The L7 forwarder the proxy modes send TCP to: it checks Host/SNI against the same allowlist."""
+        if self.proxy is not None:
+            return
+        assert self.upstream is not None
+        self.proxy = L7Proxy(
+            policy=lambda: self.policy,
+            original_destination=lambda family, port: self.gate.proxy_origin(int(family), port),
+            resolve=upstream_resolve(self.upstream),
+            listen=(("127.0.0.1", PROXY_PORT), ("::1", PROXY_PORT)),
+            on_decision=self._on_proxy_decision,
+        )
+        self.proxy.start()
 
     def _resolver_policy(self) -> NamePolicy:
         """Learn mode answers every name (so the report shows what the agent needs) and records the verdict."""
@@ -164,6 +194,8 @@ class Gatekeeper:
         self._stopping.set()
         if self.resolver is not None:
             self.resolver.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
         if self._learn_dirty:
             self._write_learn_report()
 
@@ -175,6 +207,7 @@ class Gatekeeper:
             "allow_entries": len(self.gate.entries()) if self.gate is not None else 0,
             "decisions": self.gate.counters() if self.gate is not None else {},
             "resolver": self.resolver.stats() if self.resolver is not None else {},
+            "proxy": self.proxy.stats() if self.proxy is not None else None,
         }
 
     # ---- audit and learn mode ---------------------------------------------------------------------
@@ -190,6 +223,20 @@ class Gatekeeper:
                 entry["allowed"] = allowed
                 entry["addresses"] = sorted(set(entry.get("addresses", [])) | set(record.addresses))
                 self._learn_dirty = True
+
+    def _on_proxy_decision(self, decision: ProxyDecision) -> None:
+        fields = {
+            "verdict": decision.verdict,
+            "protocol": decision.protocol,
+            "name": decision.name,
+            "original": f"{decision.original[0]}:{decision.original[1]}" if decision.original else None,
+            "target": f"{decision.target[0]}:{decision.target[1]}" if decision.target else None,
+            "reason": decision.reason,
+        }
+        if decision.verdict == "allow":
+            log.info("proxy forwarded", extra={"fields": fields})
+        else:
+            log.warning("proxy refused" if decision.verdict == "deny" else "proxy failed", extra={"fields": fields})
 
     def _read_events(self) -> None:
         while not self._stopping.is_set():

@@ -285,6 +285,9 @@ class Child:
         self.process.wait()
 
 
+Spawn = Callable[..., Child]
+
+
 @pytest.fixture
 def spawn(gate_cgroup: GateCgroup, lab: Lab) -> Iterator[Callable[..., Child]]:
     """Start gated children (in the test's cgroup unless told otherwise); all are killed at the end."""

@@ -31,14 +31,15 @@ def failure(exc: OSError, started: float) -> dict[str, Any]:
     return {"ok": False, "error": name, "elapsed": time.monotonic() - started}
 
 
-def tcp(host: str, port: int, payload: str = "ping", keep: str | None = None) -> dict[str, Any]:
+def tcp(host: str, port: int, payload: str = "ping", keep: str | None = None, payload_hex: str | None = None) -> dict[str, Any]:
+    """Connect, send (text, or bytes given as hex), return the first reply (binary shown with replacements)."""
     started = time.monotonic()
     sock = socket.socket(family_of(host), socket.SOCK_STREAM)
     sock.settimeout(3)
     try:
         sock.connect((host, port))
-        sock.sendall(payload.encode())
-        reply = sock.recv(4096).decode()
+        sock.sendall(bytes.fromhex(payload_hex) if payload_hex is not None else payload.encode())
+        reply = sock.recv(4096).decode(errors="replace")
         result = {"ok": True, "reply": reply, "peer": list(sock.getpeername()[:2]), "elapsed": time.monotonic() - started}
     except OSError as exc:
         sock.close()

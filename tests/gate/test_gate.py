@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 
@@ -28,17 +27,15 @@ from tests.gate.conftest import (
     NO_SERVER_V6,
     OUT_OF_CIDR_V4,
     SERVICE_PORT,
-    Child,
     GateCgroup,
     MakeGate,
     Resolver,
+    Spawn,
     wait_for_event,
     wait_for_events,
 )
 
 pytestmark = pytest.mark.root
-
-Spawn = Callable[..., Child]
 
 
 def test_allowed_address_connects_and_other_is_refused_at_once_with_an_event(
@@ -196,7 +193,7 @@ def test_exempt_cgroups_and_their_descendants_are_not_gated_or_redirected(
     gated = spawn()
     assert gated.do("tcp", host=DENIED_V4, port=SERVICE_PORT)["error"] == "EPERM"
     assert gated.do("udp_sendto", host=ALLOWED_V4, port=DNS_PORT)["reply"] == "answer|query"
-    assert gate.counters() == {"allowed": 0, "denied": 1, "would_deny": 0, "redirected": 1, "events_dropped": 0}
+    assert gate.counters() == {"allowed": 0, "denied": 1, "would_deny": 0, "redirected": 1, "events_dropped": 0, "proxied": 0}
 
 
 def test_revoke_refuses_new_connections_and_keeps_established_ones(
@@ -226,6 +223,9 @@ ATTACH_AND_EXIT = textwrap.dedent(
 )
 
 
+GATE_PROGRAMS = 9  # connect, sendmsg, recvmsg and getpeername for each family, plus sock_ops
+
+
 def attached_programs(cgroup: GateCgroup) -> Counter[str]:
     shown = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup.path)], capture_output=True, text=True, check=True)
     return Counter(entry["attach_type"] for entry in json.loads(shown.stdout.strip() or "[]"))
@@ -236,7 +236,7 @@ def test_programs_stay_attached_after_the_loader_exits_and_a_new_loader_replaces
 ) -> None:
     subprocess.run([sys.executable, "-c", ATTACH_AND_EXIT, str(gate_cgroup.path)], cwd=REPO_ROOT, check=True, timeout=60)
 
-    assert sum(attached_programs(gate_cgroup).values()) == 6
+    assert sum(attached_programs(gate_cgroup).values()) == GATE_PROGRAMS
     child = spawn()
     assert child.do("tcp", host=ALLOWED_V4, port=SERVICE_PORT)["error"] == "EPERM"  # fail closed
 
@@ -246,7 +246,7 @@ def test_programs_stay_attached_after_the_loader_exits_and_a_new_loader_replaces
 
     programs = attached_programs(gate_cgroup)
     assert set(programs.values()) == {1}, programs  # replaced, not stacked
-    assert len(programs) == 6
+    assert len(programs) == GATE_PROGRAMS
     assert child.do("tcp", host=ALLOWED_V4, port=SERVICE_PORT)["ok"]
 
     gate.detach(gate_cgroup.path)
@@ -276,3 +276,21 @@ def test_loopback_is_always_reachable(make_gate: MakeGate, gate_cgroup: GateCgro
     assert child.do("udp_sendto", host="::1", port=resolver.port)["reply"] == "answer|query"
     assert time.monotonic() - started < 2
     assert gate.counters()["denied"] == 0
+
+
+@pytest.mark.parametrize("mode", ["enforce", "log"])
+def test_instance_metadata_is_refused_even_when_allowlisted_or_in_log_mode(
+    make_gate: MakeGate, gate_cgroup: GateCgroup, spawn: Spawn, mode: str
+) -> None:
+    """The kernel refuses before any packet is built, so nothing is sent to these addresses."""
+    gate = make_gate(mode=mode)
+    for network in ("169.254.169.254", "fd00:ec2::254", "169.254.0.0/16"):
+        gate.allow(network, static=True)
+    gate.attach(gate_cgroup.path)
+    child = spawn()
+
+    assert child.do("tcp", host="169.254.169.254", port=80)["error"] == "EPERM"
+    assert child.do("udp_sendto", host="169.254.169.254", port=80)["error"] == "EPERM"
+    assert child.do("tcp", host="::ffff:169.254.169.254", port=80)["error"] == "EPERM"
+    assert child.do("tcp", host="fd00:ec2::254", port=80)["error"] == "EPERM"
+    assert gate.counters()["denied"] == 4

@@ -15,6 +15,7 @@ import pytest
 
 from controller.images.bake import bake
 from controller.images.store import Image
+from tests.sandbox.world import World, fake_internet
 
 pytestmark = pytest.mark.root
 
@@ -39,6 +40,13 @@ def local_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def debian_image(local_env: Path) -> Image:
     return bake("debian-12")[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, local_env: Path) -> Iterator[World]:
+    """The fake internet (tests/sandbox/world.py), one per test module that asks for it."""
+    with fake_internet(tmp_path_factory.mktemp("world")) as found:
+        yield found
 
 
 def leftovers(sandbox_id: str) -> list[str]:

@@ -19,7 +19,7 @@ import pytest
 
 from controller.images.store import Image
 from tests.sandbox.test_local_lifecycle import km
-from tests.sandbox.world import ADDRESSES, DNS, World, fake_internet
+from tests.sandbox.world import ADDRESSES, DNS, World
 
 pytestmark = pytest.mark.root
 ALIAS = "gated"
@@ -64,12 +64,6 @@ def create_in_world(profile: Path, alias: str) -> str:
         km("destroy", sandbox_id, "--yes", check=False)
         raise AssertionError(f"installing net_probe in {alias}: {installed.stderr}")
     return sandbox_id
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, local_env: Path) -> Iterator[World]:
-    with fake_internet(tmp_path_factory.mktemp("world")) as found:
-        yield found
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,12 @@ def fake_internet(directory: Path) -> Iterator[World]:
     suffix = secrets.token_hex(3)
     namespace, host_if, world_if = f"kmw-{suffix}", f"kmwh-{suffix}", f"kmww-{suffix}"
     (directory / "zone.json").write_text(json.dumps(zone()))
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=allowed.test",
+         "-addext", "subjectAltName=DNS:allowed.test,DNS:*.allowed.test",
+         "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
     server = None
     try:
         _ip("netns", "add", namespace)

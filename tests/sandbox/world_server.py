@@ -1,7 +1,8 @@
 """The fake internet's servers, run inside the test world's network namespace (stdlib + dnspython).
 
 `python -m tests.sandbox.world_server ZONE_JSON` serves, on every address of the namespace:
-DNS on 53 (UDP and TCP) from the zone, HTTP on 80 (`hello from <address it was reached on>`), and a
+DNS on 53 (UDP and TCP) from the zone, HTTP on 80 and HTTPS on 443 (`hello from <address it was reached
+on>`; the certificate is `cert.pem` beside the zone file, made by the caller), and a
 UDP echo on 7 (IPv4: sandboxes have no IPv6 route). It prints `ready` once every socket is bound, and counts DNS queries per name in
 `queries.json` beside the zone file, so a test can prove a denied name never reached upstream.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socketserver
+import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,6 +99,11 @@ def main() -> int:
     dns_tcp.zone = zone  # type: ignore[attr-defined]
     servers.append(dns_tcp)
     servers.append(ThreadingHTTPServer(("0.0.0.0", 80), _HTTP))
+    https = ThreadingHTTPServer(("0.0.0.0", 443), _HTTP)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(zone.queries_file.with_name("cert.pem"), zone.queries_file.with_name("key.pem"))
+    https.socket = context.wrap_socket(https.socket, server_side=True)
+    servers.append(https)
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     print("ready", flush=True)

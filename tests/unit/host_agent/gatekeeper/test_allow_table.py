@@ -10,12 +10,14 @@ from host_agent.gatekeeper.allow_table import AllowTable, canonical_network
 class RecordingSink:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.kinds: dict[str, str] = {}
         self.present: set[str] = set()
         self.fail_revoke: set[str] = set()
 
-    def allow(self, network: str) -> None:
-        self.calls.append(("allow", network))
+    def allow(self, network: str, *, static: bool = False) -> None:
+        self.calls.append(("allow-static" if static else "allow", network))
         self.present.add(network)
+        self.kinds[network] = "static" if static else "learned"
 
     def revoke(self, network: str) -> None:
         if network in self.fail_revoke:
@@ -151,7 +153,7 @@ def test_replacing_the_static_set_revokes_removed_networks_only(sink: RecordingS
     table.set_static(["192.168.0.0/16", "172.16.0.0/12"])
     sink.calls.clear()
     table.set_static(["172.16.0.0/12", "10.0.0.0/8"])
-    assert sink.calls == [("allow", "10.0.0.0/8"), ("revoke", "192.168.0.0/16")]
+    assert sink.calls == [("allow-static", "10.0.0.0/8"), ("revoke", "192.168.0.0/16")]
     assert set(table.snapshot()) == {"172.16.0.0/12", "10.0.0.0/8"}
 
 
@@ -170,11 +172,12 @@ def test_a_learned_address_that_is_also_static_shares_one_kernel_entry(sink: Rec
     table.learn([("10.1.0.1", 1)])
     clock.now += 61
     assert table.expire() == []
-    assert sink.present == {"10.1.0.1"} and sink.calls == [("allow", "10.1.0.1")]
+    assert sink.present == {"10.1.0.1"} and sink.calls == [("allow-static", "10.1.0.1")]
 
     table.learn([("10.1.0.1", 300)])
     table.set_static([])
     assert sink.present == {"10.1.0.1"}  # still learned, so still allowed
+    assert sink.kinds["10.1.0.1"] == "learned"  # and no longer reached directly in the proxy modes
     assert table.snapshot() == {"10.1.0.1": clock.now + 300}
     clock.now += 300
     assert table.expire() == ["10.1.0.1"] and sink.present == set()
@@ -205,3 +208,16 @@ def test_clear_dynamic_revokes_every_learned_entry_but_keeps_static(sink: Record
 )
 def test_canonical_network(text: str, canonical: str) -> None:
     assert canonical_network(text) == canonical
+
+
+@pytest.mark.parametrize(
+    "address", ["169.254.169.254", "169.254.1.1", "fe80::1", "127.0.0.1", "::1", "0.0.0.0", "224.0.0.1", "::ffff:169.254.169.254"]
+)
+def test_answers_pointing_at_non_routable_addresses_are_never_learned(
+    sink: RecordingSink, clock: FakeClock, address: str
+) -> None:
+    table = AllowTable(sink, clock=clock)
+
+    table.learn([(address, 300), ("10.1.0.1", 300)])
+
+    assert sink.present == {"10.1.0.1"}
