@@ -26,6 +26,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from host_agent.gatekeeper.allow_table import never_learned
 from host_agent.gatekeeper.names import NamePolicy
 from host_agent.gatekeeper.proxy import MAX_FIRST_BYTES, L7Proxy, ProxyDecision, UpstreamAnswerError, upstream_resolve
 
@@ -179,6 +180,7 @@ class World:
             "on_decision": self.decisions.append,
             "first_bytes_timeout": 2.0,
             "connect_timeout": 2.0,
+            "forbidden_target": lambda address: False,  # the backends here listen on loopback
         }
         arguments.update(overrides)
         return L7Proxy(**arguments)  # type: ignore[arg-type]
@@ -315,6 +317,17 @@ def test_the_original_port_is_always_used(world: World, proxy: L7Proxy) -> None:
         assert exchange(proxy.port, request("allowed.test")).endswith(b"other port got Host allowed.test")
     finally:
         other.close()
+
+
+def test_a_name_resolving_to_loopback_or_instance_metadata_is_refused_by_default(world: World, proxies: list[L7Proxy]) -> None:
+    """The forwarder is root and ungated: DNS must not be able to point it at the machine or its metadata."""
+    world.addresses["allowed.test"] = ["127.0.0.1", "169.254.169.254", "::ffff:127.0.0.1"]
+    proxy = start(world.proxy(forbidden_target=never_learned), proxies)
+
+    reply = exchange(proxy.port, request("allowed.test"))
+
+    assert reply.startswith(b"HTTP/1.1 403")
+    assert world.verdicts() == [("deny", "name resolved only to forbidden addresses")]
 
 
 def test_a_name_that_does_not_resolve_gets_502(proxy: L7Proxy, world: World) -> None:

@@ -12,17 +12,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from host_agent.gatekeeper.proxy import (
+from host_agent.gatekeeper.first_bytes import (
     MAX_TLS_RECORD,
     NEED_MORE,
     NeedMore,
-    _http_refusal,
-    _identify_request,
-    _Request,
-    _target_address,
+    Request,
     host_from_http_request,
+    identify_request,
     sni_from_client_hello,
 )
+from host_agent.gatekeeper.proxy import _http_refusal, _target_address
 
 LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
 HOST_NAME = st.lists(LABEL, min_size=1, max_size=4).map(".".join).filter(lambda name: not name.replace(".", "").isdigit())
@@ -227,24 +226,24 @@ def test_random_text_after_a_request_line_never_raises(headers: str) -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (request("Host: example.test"), _Request("http", "example.test", None)),
-        (request("Host: a.test", "Host: b.test"), _Request("http", "a.test", "conflicting Host headers")),
-        (request(line="CONNECT evil.test:443 HTTP/1.1"), _Request("http", "evil.test", "CONNECT not supported")),
-        (request("Accept: */*"), _Request("http", None, "no Host header")),
+        (request("Host: example.test"), Request("http", "example.test", None)),
+        (request("Host: a.test", "Host: b.test"), Request("http", "a.test", "conflicting Host headers")),
+        (request(line="CONNECT evil.test:443 HTTP/1.1"), Request("http", "evil.test", "CONNECT not supported")),
+        (request("Accept: */*"), Request("http", None, "no Host header")),
         (
             request("Host: a.test", line="GET http://b.test/ HTTP/1.1"),
-            _Request("http", "b.test", "Host header does not match the request target"),
+            Request("http", "b.test", "Host header does not match the request target"),
         ),
-        (client_hello("allowed.test"), _Request("tls", "allowed.test", None)),
-        (client_hello(None), _Request("tls", None, "no SNI")),
-        (b"SSH-2.0-OpenSSH_9.6\r\n", _Request("unknown", None, "neither TLS nor HTTP")),
-        (b"\x00\x00\x00\x01", _Request("unknown", None, "neither TLS nor HTTP")),
+        (client_hello("allowed.test"), Request("tls", "allowed.test", None)),
+        (client_hello(None), Request("tls", None, "no SNI")),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", Request("unknown", None, "neither TLS nor HTTP")),
+        (b"\x00\x00\x00\x01", Request("unknown", None, "neither TLS nor HTTP")),
         (b"", NEED_MORE),
         (b"GET / HTTP/1.1\r\nHost: a", NEED_MORE),
     ],
 )
-def test_first_bytes_are_identified_with_a_reason(data: bytes, expected: _Request | NeedMore) -> None:
-    assert _identify_request(data) == expected
+def test_first_bytes_are_identified_with_a_reason(data: bytes, expected: Request | NeedMore) -> None:
+    assert identify_request(data) == expected
 
 
 # ---- where to connect -----------------------------------------------------------------------------
