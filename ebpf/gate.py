@@ -60,6 +60,8 @@ _CONFIG = struct.Struct("=II4sI16sIIQQ4sI16sII")
 # struct origin: addr[4] (16 bytes), port (network order in the low 16 bits), family.
 _ORIGIN = struct.Struct("=16sII")
 _ALLOW_LEARNED, _ALLOW_STATIC = 1, 2
+# Maps kept on a bpffs when the loader is given a pin directory: what a restarted daemon takes over.
+PINNED_MAPS = ("allow4", "allow6", "exempt", "counters", "dns_origins", "proxy_origins", "proxy_clients")
 
 
 class GateError(Exception):
@@ -178,7 +180,10 @@ class EgressGate:
         enforcement: Enforcement = "ebpf",
         proxy_v4: tuple[str, int] | None = None,
         proxy_v6: tuple[str, int] | None = None,
+        pin_dir: Path | None = None,
     ) -> None:
+        """`pin_dir` (a directory on a bpffs): keep the maps there, and reuse those a previous loader left,
+        so a restarted daemon keeps what the sandbox had learned. Without it every load starts empty."""
         if enforcement != "ebpf" and (proxy_v4 is None or proxy_v6 is None):
             raise GateError(f"enforcement {enforcement!r} needs the forwarder's addresses (proxy_v4, proxy_v6)")
         self._endpoints = Endpoints(resolver_v4, resolver_v6, proxy_v4, proxy_v6)
@@ -189,8 +194,10 @@ class EgressGate:
             "pidns_dev": _kernel_dev(pidns[0]) if pidns else 0,
             "pidns_ino": pidns[1] if pidns else 0,
         }
+        self.adopted = False
+        self.discarded: str | None = None
         try:
-            self._object = libbpf.BpfObject(compiled_object(SOURCE))
+            self._object = self._load(pin_dir)
             self._programs = [self._object.program(name) for name in _PROGRAMS]
             self._maps = {
                 name: self._object.map(name)
@@ -201,6 +208,25 @@ class EgressGate:
         self._events: list[GateEvent] = []
         self._ring = libbpf.RingBuffer(self._maps["events"], lambda raw: self._events.append(parse_event(raw)))
         self._write_config()
+
+    def _load(self, pin_dir: Path | None) -> libbpf.BpfObject:
+        built = compiled_object(SOURCE)
+        if pin_dir is None:
+            return libbpf.BpfObject(built)
+        pins = {name: pin_dir / name for name in PINNED_MAPS}
+        self.adopted = any(pin.exists() for pin in pins.values())
+        try:
+            return libbpf.BpfObject(built, pins)
+        except OSError as error:
+            if not self.adopted:
+                raise
+            # Maps of an older, incompatible layout: start empty rather than not at all (fail closed
+            # still holds: the old programs stay attached until the new ones replace them).
+            self.discarded = str(error)
+            for pin in pins.values():
+                pin.unlink(missing_ok=True)
+            self.adopted = False
+            return libbpf.BpfObject(built, pins)
 
     def close(self) -> None:
         """Release this process's handles; attached programs stay attached (fail closed)."""
@@ -272,6 +298,17 @@ class EgressGate:
             for key in self._maps[name].keys():
                 prefixlen = struct.unpack_from("=I", key)[0]
                 found.append(f"{ipaddress.ip_address(key[4 : 4 + size])}/{prefixlen}")
+        return found
+
+    def entries_by_kind(self) -> dict[str, bool]:
+        """Every allow entry (CIDR text, as `entries()`) and whether it is static (allowedCIDRs)."""
+        found: dict[str, bool] = {}
+        for name, size in (("allow4", 4), ("allow6", 16)):
+            trie = self._maps[name]
+            for key in trie.keys():
+                value = trie.lookup(key)
+                prefixlen = struct.unpack_from("=I", key)[0]
+                found[f"{ipaddress.ip_address(key[4 : 4 + size])}/{prefixlen}"] = value is not None and value[0] == _ALLOW_STATIC
         return found
 
     def _trie_key(self, network: str) -> tuple[libbpf.Map, bytes]:

@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ def library() -> Any:
         "bpf_map__key_size": (ctypes.c_uint32, [void_p]),
         "bpf_map__value_size": (ctypes.c_uint32, [void_p]),
         "bpf_map__type": (c_int, [void_p]),
+        "bpf_map__set_pin_path": (c_int, [void_p, c_char_p]),
         "bpf_map_update_elem": (c_int, [c_int, void_p, void_p, ctypes.c_uint64]),
         "bpf_map_lookup_elem": (c_int, [c_int, void_p, void_p]),
         "bpf_map_delete_elem": (c_int, [c_int, void_p]),
@@ -217,17 +218,24 @@ class BpfObject:
     as they are attached); close() releases this process's references.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pinned: Mapping[str, Path] | None = None) -> None:
+        """`pinned` maps map names to files on a bpffs: a map already pinned there is reused (with its
+        entries) instead of created, and a new one is pinned there, so the next loader finds it."""
         lib = library()
         _messages.take()
         handle = lib.bpf_object__open_file(str(path).encode(), None)
         if not handle:
             raise _failure(f"opening BPF object {path}", -ctypes.get_errno())
-        code = lib.bpf_object__load(handle)
-        if code < 0:
-            error = _failure(f"loading BPF object {path.name} into the kernel", code)
+        try:
+            for name, pin in (pinned or {}).items():
+                found = lib.bpf_object__find_map_by_name(handle, name.encode())
+                if not found:
+                    raise LibbpfError(errno.ENOENT, f"no map {name} in {path.name} to pin")
+                _check(f"setting the pin path of map {name}", lib.bpf_map__set_pin_path(found, str(pin).encode()))
+            _check(f"loading BPF object {path.name} into the kernel", lib.bpf_object__load(handle))
+        except BaseException:
             lib.bpf_object__close(handle)
-            raise error
+            raise
         self._handle: int | None = handle
         self.path = path
 

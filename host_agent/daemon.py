@@ -109,7 +109,10 @@ class Daemon:
         from host_agent.gatekeeper.component import Gatekeeper, cgroup2_root
 
         root = cgroup2_root() if str(self.paths.gate_cgroup) == "auto" else self.paths.gate_cgroup
-        self.gatekeeper = Gatekeeper(config, identity, root, learn_report=self.paths.state_dir / "learn-report.json")
+        state = self.paths.state_dir
+        self.gatekeeper = Gatekeeper(
+            config, identity, root, learn_report=state / "learn-report.json", policy_record=state / "gate-policy.json"
+        )
         self.gatekeeper.start()
 
     def _start_components(self, config: HostAgentConfig, identity: SandboxIdentity) -> None:

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Protocol
 
@@ -107,6 +107,27 @@ class AllowTable:
                 if key not in self._learned and key not in self._static:
                     self.sink.allow(key)
                 self._learned[key] = max(expiry, self._learned.get(key, expiry))
+
+    def adopt(self, entries: Mapping[str, bool], *, keep_learned: bool = True) -> list[str]:
+        """Take over what a previous daemon left in the kernel's maps (CIDR → static); returns revoked entries.
+
+        Learned entries get the floor as their remaining life (their TTLs died with that daemon), or are
+        revoked at once when `keep_learned` is False (the allowlist changed while no daemon ran). Static
+        ones are recorded so that the next `set_static` revokes those no longer configured.
+        """
+        with self._lock:
+            expiry = self.clock() + self.floor_seconds
+            revoked: list[str] = []
+            for network, static in entries.items():
+                key = canonical_network(network)
+                if static:
+                    self._static.add(key)
+                elif keep_learned:
+                    self._learned[key] = max(expiry, self._learned.get(key, expiry))
+                else:
+                    self.sink.revoke(key)
+                    revoked.append(key)
+            return revoked
 
     def set_static(self, networks: Iterable[str]) -> None:
         """Replace the allowedCIDRs: new ones are allowed, removed ones revoked (unless still learned).

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -29,11 +30,16 @@ from host_agent.gatekeeper.connections import open_remote_addresses
 from host_agent.gatekeeper.names import NamePolicy
 from host_agent.gatekeeper.proxy import L7Proxy, ProxyDecision, upstream_resolve
 from host_agent.gatekeeper.resolver import QueryRecord, Resolver
+from host_agent.paths import STATE_DIR
 
 log = logging.getLogger("km-host-agent.gate")
 EXEMPT_CGROUPS = ("system.slice", "init.scope")
 RESOLV_CONF = Path("/etc/resolv.conf")
-LEARN_REPORT = Path("/var/lib/km-host-agent/learn-report.json")
+LEARN_REPORT = STATE_DIR / "learn-report.json"
+# The gate's maps live on a bpffs here, so a restarted daemon takes over what the sandbox had learned;
+# the allowlist they were learned under is recorded beside the daemon's state.
+PIN_DIR = Path("/run/km-gate")
+POLICY_RECORD = STATE_DIR / "gate-policy.json"
 # Fixed ports on the machine's loopback: the gate is configured with them before the resolver and the
 # forwarder bind, and the daemon holds them from boot, before any agent could take them.
 RESOLVER_PORT = 10053
@@ -51,6 +57,16 @@ def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
         if after.split(" ", 1)[0] == "cgroup2":
             return Path(before.split()[4])
     raise GateError("no cgroup2 mount in this machine: the egress gate needs cgroup v2")
+
+
+def ensure_bpffs(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> None:
+    """Mount a bpffs at `path` unless one is there already (root only; mode 0700)."""
+    for line in mountinfo.read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        if before.split()[4] == str(path) and after.split(" ", 1)[0] == "bpf":
+            return
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(path)], check=True, capture_output=True, text=True)
 
 
 def parse_upstream(text: str) -> tuple[str, int]:
@@ -74,11 +90,21 @@ def upstream_from_resolv_conf(path: Path = RESOLV_CONF) -> tuple[str, int]:
 
 
 class Gatekeeper:
-    def __init__(self, config: HostAgentConfig, identity: SandboxIdentity, cgroup_root: Path, learn_report: Path = LEARN_REPORT):
+    def __init__(
+        self,
+        config: HostAgentConfig,
+        identity: SandboxIdentity,
+        cgroup_root: Path,
+        learn_report: Path = LEARN_REPORT,
+        pin_dir: Path | None = PIN_DIR,
+        policy_record: Path = POLICY_RECORD,
+    ):
         self.config = config
         self.identity = identity
         self.cgroup_root = cgroup_root
         self.learn_report = learn_report
+        self.pin_dir = pin_dir
+        self.policy_record = policy_record
         self.decisions: Counter[str] = Counter()
         self.learned: dict[str, dict[str, Any]] = {}
         self._learn_dirty = False
@@ -108,8 +134,10 @@ class Gatekeeper:
             enforcement=egress.enforcement,
             proxy_v4=("127.0.0.1", PROXY_PORT),
             proxy_v6=("::1", PROXY_PORT),
+            pin_dir=self._usable_pin_dir(),
         )
         self.table = AllowTable(self.gate, is_in_use=open_remote_addresses)
+        self._adopt_pinned_entries()
         self.policy = NamePolicy.from_lists(egress.allowed_dns_suffixes, egress.allowed_hosts)
         self.resolver = Resolver(
             self._resolver_policy(),
@@ -140,6 +168,48 @@ class Gatekeeper:
             },
         )
 
+    def _usable_pin_dir(self) -> Path | None:
+        """The bpffs directory for the maps, mounted if need be; None (maps start empty) if that fails."""
+        if self.pin_dir is None:
+            return None
+        try:
+            ensure_bpffs(self.pin_dir)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = error.stderr.strip() if isinstance(error, subprocess.CalledProcessError) else str(error)
+            log.warning("no bpffs for the gate's maps; a restart will start them empty", extra={"fields": {"reason": detail}})
+            return None
+        return self.pin_dir
+
+    def _adopt_pinned_entries(self) -> None:
+        """Keep what the previous daemon learned, unless the allowlist changed while none was running."""
+        assert self.table is not None
+        if self.gate.discarded:
+            log.warning(
+                "the pinned gate maps had another layout; started empty", extra={"fields": {"reason": self.gate.discarded}}
+            )
+        fingerprint = self._policy_fingerprint()
+        if self.gate.adopted:
+            try:
+                same_policy = self.policy_record.read_text() == fingerprint
+            except OSError:
+                same_policy = False
+            revoked = self.table.adopt(self.gate.entries_by_kind(), keep_learned=same_policy)
+            log.info(
+                "took over the gate's pinned maps",
+                extra={"fields": {"entries": len(self.gate.entries()), "revoked": len(revoked), "same_policy": same_policy}},
+            )
+        self._record_policy(fingerprint)
+
+    def _policy_fingerprint(self) -> str:
+        egress = self.config.egress
+        return json.dumps({"suffixes": sorted(egress.allowed_dns_suffixes), "hosts": sorted(egress.allowed_hosts)}) + "\n"
+
+    def _record_policy(self, fingerprint: str) -> None:
+        self.policy_record.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.policy_record.with_name(f".{self.policy_record.name}.tmp")
+        temporary.write_text(fingerprint)
+        temporary.replace(self.policy_record)
+
     def reload(self, config: HostAgentConfig) -> None:
         """A new allowlist takes effect for new lookups and connections; open connections stay up."""
         old, new = self.config.egress, config.egress
@@ -153,6 +223,7 @@ class Gatekeeper:
         if narrowed:  # addresses learned through a name no longer allowed must not stay reachable
             revoked = self.table.clear_dynamic()
             log.info("allowlist narrowed; learned addresses revoked", extra={"fields": {"revoked": len(revoked)}})
+        self._record_policy(self._policy_fingerprint())
         if new.mode != old.mode:
             self.gate.set_mode(new.mode)
             self.gate.set_audit_allows(new.mode == "log")

@@ -11,6 +11,8 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -294,3 +296,65 @@ def test_instance_metadata_is_refused_even_when_allowlisted_or_in_log_mode(
     assert child.do("tcp", host="::ffff:169.254.169.254", port=80)["error"] == "EPERM"
     assert child.do("tcp", host="fd00:ec2::254", port=80)["error"] == "EPERM"
     assert gate.counters()["denied"] == 4
+
+
+@pytest.fixture
+def bpffs(tmp_path: Path) -> Iterator[Path]:
+    """A private bpffs for pinned maps, unmounted (with every pin in it) at the end."""
+    directory = tmp_path / "bpffs"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=False)
+
+
+def test_a_new_loader_adopts_the_pinned_maps_with_what_was_learned(
+    make_gate: MakeGate, gate_cgroup: GateCgroup, spawn: Spawn, bpffs: Path
+) -> None:
+    first = make_gate(pin_dir=bpffs)
+    assert not first.adopted
+    first.allow(ALLOWED_V4)
+    first.allow("10.77.0.32/28", static=True)
+    first.attach(gate_cgroup.path)
+    first.close()  # the daemon exiting: programs stay attached, maps stay pinned
+
+    second = make_gate(pin_dir=bpffs)
+    second.attach(gate_cgroup.path)
+    child = spawn()
+
+    assert second.adopted
+    assert second.entries_by_kind() == {f"{ALLOWED_V4}/32": False, "10.77.0.32/28": True}
+    assert child.do("tcp", host=ALLOWED_V4, port=SERVICE_PORT)["ok"]  # learned before the restart
+    assert child.do("tcp", host=IN_CIDR_V4, port=SERVICE_PORT)["ok"]
+    assert child.do("tcp", host=DENIED_V4, port=SERVICE_PORT)["error"] == "EPERM"
+
+
+def test_pinned_maps_of_another_layout_are_replaced_by_empty_ones(make_gate: MakeGate, bpffs: Path) -> None:
+    subprocess.run(
+        [
+            "bpftool",
+            "map",
+            "create",
+            str(bpffs / "allow4"),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "1",
+            "name",
+            "allow4",
+        ],
+        check=True,
+    )
+
+    gate = make_gate(pin_dir=bpffs)
+
+    assert not gate.adopted and gate.discarded is not None and "allow4" in gate.discarded
+    assert gate.entries() == []
+    gate.allow(ALLOWED_V4)
+    assert make_gate(pin_dir=bpffs).entries() == [f"{ALLOWED_V4}/32"]  # the new maps are the pinned ones now

@@ -169,6 +169,19 @@ def test_the_gate_stays_closed_while_the_daemon_is_down(gated: str) -> None:
     assert probe("http", "api.allowed.test") == f"hello from {ADDRESSES['api']}"
 
 
+def test_a_restarted_daemon_takes_over_what_was_learned(gated: str) -> None:
+    """The maps are pinned: an agent holding a cached address keeps reaching it across a daemon restart."""
+    assert probe("resolve", "api.allowed.test") == ADDRESSES["api"]
+
+    restarted = km("shell", ALIAS, "--root", "--", "systemctl", "restart", "km-host-agent", check=False)
+
+    assert restarted.returncode == 0, restarted.stderr
+    assert probe("connect", ADDRESSES["api"], "80") == "ok"  # no new lookup in between
+    assert probe("connect", ADDRESSES["unlisted"], "80") == EPERM
+    journal = km("shell", ALIAS, "--root", "--", "journalctl", "-u", "km-host-agent", "-o", "cat", "--no-pager").stdout
+    assert "took over the gate's pinned maps" in journal
+
+
 def test_a_narrowed_allowlist_applies_live(gated: str, tmp_path: Path) -> None:
     assert probe("resolve", "api.allowed.test") == ADDRESSES["api"]
     narrowed = tmp_path / "gated.yaml"

@@ -221,3 +221,24 @@ def test_answers_pointing_at_non_routable_addresses_are_never_learned(
     table.learn([(address, 300), ("10.1.0.1", 300)])
 
     assert sink.present == {"10.1.0.1"}
+
+
+def test_adopted_entries_live_for_the_floor_and_static_ones_leave_when_no_longer_configured(
+    sink: RecordingSink, clock: FakeClock
+) -> None:
+    table = AllowTable(sink, clock=clock)
+
+    assert table.adopt({"10.1.0.1/32": False, "192.168.0.0/16": True, "10.9.0.0/16": True}) == []
+    table.set_static(["10.9.0.0/16"])
+
+    assert sink.calls == [("revoke", "192.168.0.0/16")]  # nothing else touched the kernel
+    assert table.snapshot() == {"10.1.0.1": clock.now + 60, "10.9.0.0/16": None}
+    clock.now += 60
+    assert table.expire() == ["10.1.0.1"]
+
+
+def test_adopting_after_the_allowlist_changed_revokes_the_learned_entries(sink: RecordingSink, clock: FakeClock) -> None:
+    table = AllowTable(sink, clock=clock)
+
+    assert table.adopt({"10.1.0.1/32": False, "10.9.0.0/16": True}, keep_learned=False) == ["10.1.0.1"]
+    assert table.snapshot() == {"10.9.0.0/16": None}
