@@ -175,7 +175,8 @@ python3 -m venv --system-site-packages {HOST_AGENT_VENV}
 {HOST_AGENT_VENV}/bin/pip install -q --no-index --find-links /tmp/km-wheels {quoted}
 {HOST_AGENT_VENV}/bin/pip install -q --no-index --no-deps /tmp/km-wheels/km-*.whl
 ln -sfn {HOST_AGENT_VENV}/bin/km-host-agent /usr/local/bin/km-host-agent
-install -m 0644 {HOST_AGENT_VENV}/lib/python3*/site-packages/host_agent/systemd/*.service /etc/systemd/system/
+units=$(echo {HOST_AGENT_VENV}/lib/python3*/site-packages/host_agent/systemd)
+install -m 0644 $units/*.service $units/*.mount /etc/systemd/system/
 dropins=/etc/systemd/system/km-host-agent.service.d
 mkdir -p $dropins
 printf '[Service]\\nEnvironment=BCC_KERNEL_SOURCE={KERNEL_HEADERS_DIR}\\n' > $dropins/10-bcc.conf

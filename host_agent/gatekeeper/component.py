@@ -17,20 +17,21 @@ import ipaddress
 import json
 import logging
 import os
-import subprocess
 import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from host_agent.config import HostAgentConfig, SandboxIdentity
 from host_agent.gatekeeper.allow_table import AllowTable
 from host_agent.gatekeeper.connections import open_remote_addresses
 from host_agent.gatekeeper.names import NamePolicy
-from host_agent.gatekeeper.proxy import L7Proxy, ProxyDecision, upstream_resolve
 from host_agent.gatekeeper.resolver import QueryRecord, Resolver
 from host_agent.paths import STATE_DIR
+
+if TYPE_CHECKING:  # imported when a proxy mode needs it: asyncio and the forwarder cost ~80 ms of start-up
+    from host_agent.gatekeeper.proxy import L7Proxy, ProxyDecision
 
 log = logging.getLogger("km-host-agent.gate")
 EXEMPT_CGROUPS = ("system.slice", "init.scope")
@@ -38,7 +39,7 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 LEARN_REPORT = STATE_DIR / "learn-report.json"
 # The gate's maps live on a bpffs here, so a restarted daemon takes over what the sandbox had learned;
 # the allowlist they were learned under is recorded beside the daemon's state.
-PIN_DIR = Path("/run/km-gate")
+PIN_DIR = Path("/run/kmgate")  # run-kmgate.mount
 POLICY_RECORD = STATE_DIR / "gate-policy.json"
 # Fixed ports on the machine's loopback: the gate is configured with them before the resolver and the
 # forwarder bind, and the daemon holds them from boot, before any agent could take them.
@@ -59,14 +60,13 @@ def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
     raise GateError("no cgroup2 mount in this machine: the egress gate needs cgroup v2")
 
 
-def ensure_bpffs(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> None:
-    """Mount a bpffs at `path` unless one is there already (root only; mode 0700)."""
+def is_bpffs(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """Whether a bpffs is mounted at `path` (pins anywhere else would fail or not survive)."""
     for line in mountinfo.read_text().splitlines():
         before, _, after = line.partition(" - ")
         if before.split()[4] == str(path) and after.split(" ", 1)[0] == "bpf":
-            return
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(path)], check=True, capture_output=True, text=True)
+            return True
+    return False
 
 
 def parse_upstream(text: str) -> tuple[str, int]:
@@ -169,14 +169,12 @@ class Gatekeeper:
         )
 
     def _usable_pin_dir(self) -> Path | None:
-        """The bpffs directory for the maps, mounted if need be; None (maps start empty) if that fails."""
+        """The bpffs directory for the maps (run-kmgate.mount); None, and maps that start empty, without it."""
         if self.pin_dir is None:
             return None
-        try:
-            ensure_bpffs(self.pin_dir)
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = error.stderr.strip() if isinstance(error, subprocess.CalledProcessError) else str(error)
-            log.warning("no bpffs for the gate's maps; a restart will start them empty", extra={"fields": {"reason": detail}})
+        if not is_bpffs(self.pin_dir):
+            fields = {"path": str(self.pin_dir)}
+            log.warning("no bpffs for the gate's maps; a restart will start them empty", extra={"fields": fields})
             return None
         return self.pin_dir
 
@@ -238,6 +236,8 @@ class Gatekeeper:
         if self.proxy is not None:
             return
         assert self.upstream is not None
+        from host_agent.gatekeeper.proxy import L7Proxy, upstream_resolve
+
         self.proxy = L7Proxy(
             policy=lambda: self.policy,
             original_destination=lambda family, port: self.gate.proxy_origin(int(family), port),

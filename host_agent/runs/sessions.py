@@ -9,6 +9,7 @@ run as root by accident.
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import subprocess
@@ -16,13 +17,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
-
-import libtmux
-from libtmux.exc import LibTmuxException
+from typing import TYPE_CHECKING, Final
 
 from host_agent.paths import TMUX_SOCKET
 from host_agent.runs.layout import RunDir
+
+if TYPE_CHECKING:
+    import libtmux
 
 TMUX_UNIT: Final = "km-agent-tmux.service"
 SESSION_PREFIX: Final = "km-agent-"
@@ -54,12 +55,20 @@ class RunSessions:
         self.socket_path = socket_path
         self.ensure_server = ensure_server
         self.python = python
-        self.server = libtmux.Server(socket_path=str(socket_path))
+
+    @functools.cached_property
+    def server(self) -> libtmux.Server:
+        """Imported on first use: libtmux costs about 70 ms of the daemon's start, before any run exists."""
+        import libtmux
+
+        return libtmux.Server(socket_path=str(self.socket_path))
 
     def start(self, run: RunDir, working_dir: str, owner_uid: int) -> None:
         """A detached session whose only window runs the run wrapper on this run dir, as `owner_uid`."""
         self._require_server(owner_uid)
         command = shlex.join([self.python, "-m", "host_agent.runs.runner", str(run.path)])
+        from libtmux.exc import LibTmuxException
+
         try:
             self.server.new_session(
                 session_name=session_name(run.run_id), window_command=command, start_directory=working_dir, attach=False
@@ -78,6 +87,8 @@ class RunSessions:
         """Close the run's session (its wrapper gets SIGHUP and records the end); False if it was gone."""
         if not self.socket_path.exists():
             return False
+        from libtmux.exc import LibTmuxException
+
         try:
             self.server.kill_session(f"={session_name(run_id)}")  # `=`: exact name, not a pattern
         except LibTmuxException:

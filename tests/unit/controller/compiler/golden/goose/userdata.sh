@@ -208,8 +208,8 @@ km_write_file /etc/systemd/system/km-host-agent.service.km-new 0644 root:root <<
 [Unit]
 Description=km host agent: enforces the sandbox profile (egress gate, capture, agent runs)
 ConditionPathExists=/etc/km/host-agent.json
-After=network-online.target
-Wants=network-online.target
+After=network-online.target run-kmgate.mount
+Wants=network-online.target run-kmgate.mount
 
 [Service]
 Type=notify
