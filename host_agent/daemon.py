@@ -99,8 +99,8 @@ class Daemon:
                 continue
             break
         notify("STOPPING=1")
-        self._stop_components()
-        log.info("stopped", extra={"fields": {"profile": self.config.profile}})
+        took = self._stop_components()
+        log.info("stopped", extra={"fields": {"profile": self.config.profile, "stop_seconds": took}})
         return 0
 
     def _start_gate(self, config: HostAgentConfig, identity: SandboxIdentity) -> None:
@@ -137,13 +137,15 @@ class Daemon:
         self.control = ControlServer(self._handle, self.paths.control_socket)
         self.control.start()
 
-    def _stop_components(self) -> None:
-        if self.control is not None:
-            self.control.stop()
-        if self.gatekeeper is not None:
-            self.gatekeeper.stop()
-        if self.outbox is not None:
-            self.outbox.stop()
+    def _stop_components(self) -> dict[str, float]:
+        """Stop each component; returns how long each took (seconds), which the stop log reports."""
+        took: dict[str, float] = {}
+        for name, component in (("control", self.control), ("gate", self.gatekeeper), ("outbox", self.outbox)):
+            if component is not None:
+                started = time.monotonic()
+                component.stop()
+                took[name] = round(time.monotonic() - started, 3)
+        return took
 
     def _reconcile(self) -> None:
         """Periodic work between signals; a failure is logged and never stops the loop or its watchdog."""
