@@ -1,5 +1,5 @@
-"""BPF programs (`*.bpf.c`) and the small loaders that compile and attach them with BCC.
+"""BPF programs (`*.bpf.c`), how they are compiled ahead of time (`objects.py`), the ctypes binding to
+libbpf that loads them (`libbpf.py`), and one loader per program (`gate.py`, `tls_capture.py`).
 
-BCC is imported lazily by each loader: it is heavy (LLVM runs in-process) and only the sandbox
-daemon, running as root, needs it.
+Nothing here compiles at run time: sandboxes carry the compiled objects and libbpf.so.1 only.
 """

@@ -23,6 +23,7 @@ APT_PACKAGES=(
     iproute2        # network namespaces and veth pairs
     e2fsprogs       # local sandboxes' additional volumes are ext4 images
     tmux            # agent runs are supervised in tmux sessions
+    openssl curl binutils  # TLS capture tests: certificates, clients, libssl's symbol table
 )
 if command -v dpkg >/dev/null 2>&1; then
     # Kernel headers BCC compiles against: Debian's per-architecture meta package, Ubuntu's generic one.

@@ -12,7 +12,6 @@ import os
 import re
 import selectors
 import shutil
-import statistics
 import struct
 import subprocess
 import sys
@@ -662,88 +661,3 @@ def test_libraries_in_use_finds_the_libssl_a_process_maps(spawn: Spawn) -> None:
 
     assert LIBSSL in found
     assert all(os.stat(path).st_ino == os.stat(LIBSSL).st_ino for path in found if path.name == LIBSSL.name)
-
-
-@root
-@needs_libssl
-def test_cost_per_ssl_write_with_capture_on_and_off(
-    make_capture: MakeCapture, spawn: Spawn, cgroup: CaptureCgroup, port: int
-) -> None:
-    """Prints the added cost of the probes per small SSL_write (not asserted: it depends on the machine)."""
-    count, size, rounds = 5000, 100, 3
-    inside = spawn()
-    outside = spawn(outside=True)
-    results: dict[str, list[float]] = {}
-
-    def measure(name: str, client: Client, capture: TlsCapture | None = None) -> None:
-        reply = client.do("writes", port=port, count=count, size=size)
-        results.setdefault(name, []).append(float(reply["per_write_us"]))
-        while capture is not None and capture.poll(0):  # drained, so that nothing is lost between rounds
-            pass
-
-    measure("warm-up", inside)
-    for _ in range(rounds):
-        measure("off (no probes)", inside)
-    capture = make_capture()
-    for _ in range(rounds):
-        measure("on, sizes only", inside, capture)
-        measure("on, caller outside the target", outside, capture)
-    capture.close()
-    capture = make_capture(payload_bytes=MAX_PAYLOAD_BYTES)
-    for _ in range(rounds):
-        measure("on, 100-byte payloads", inside, capture)
-    lost = capture.counters()["lost"]
-    capture.close()
-    for _ in range(rounds):
-        measure("off (no probes)", inside)
-
-    medians = {name: statistics.median(values) for name, values in results.items() if name != "warm-up"}
-    baseline = medians["off (no probes)"]
-    print(f"\nSSL_write_ex of {size} B, median of {rounds} (off: {2 * rounds}) x {count} writes, python client on loopback:")
-    for name, micros in medians.items():
-        spread = ", ".join(f"{value:.1f}" for value in results[name])
-        print(f"  {name:30s} {micros:6.2f} us/write  +{micros - baseline:6.2f} us  x{micros / baseline:4.2f}  ({spread})")
-    print(f"  events lost: {lost}")
-    assert lost == 0
-
-
-@root
-@needs_libssl
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-def test_a_library_deleted_under_a_running_process_is_found_and_attached(
-    cgroup: CaptureCgroup, port: int, tmp_path: Path
-) -> None:
-    """Its path names nothing any more (as after an upgrade): /proc/<pid>/map_files still reaches the file."""
-    private = tmp_path / "lib"
-    private.mkdir()
-    shutil.copy(LIBSSL, private / LIBSSL.name)
-    s_client: subprocess.Popen[str] | None = None
-    capture = TlsCapture(payload_bytes=256)
-    try:
-        capture.add_target(cgroup.path)
-        s_client = subprocess.Popen(
-            in_cgroup(cgroup.path, "env", f"LD_LIBRARY_PATH={private}", "openssl", "s_client")
-            + ["-connect", f"127.0.0.1:{port}", "-quiet", "-ign_eof"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        deadline = time.monotonic() + 10
-        while not (found := libraries_in_use([s_client.pid])) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert found == {private / LIBSSL.name}
-        (private / LIBSSL.name).unlink()
-
-        found = libraries_in_use([s_client.pid])
-
-        assert len(found) == 1 and next(iter(found)).parent == Path(f"/proc/{s_client.pid}/map_files")
-        assert capture.attach_library(next(iter(found))) is True
-        assert capture.attach_library(LIBSSL) is True  # another file: the system's own
-        s_client.communicate(request_text("/replaced", "deleted-library"), timeout=30)
-        events = collect(capture, lambda got: any(map(carrying("deleted-library"), got)))
-        assert {e.pid for e in events} == {s_client.pid}
-    finally:
-        capture.close()
-        if s_client is not None and s_client.poll() is None:
-            stop(s_client)
