@@ -110,6 +110,8 @@ def library() -> Any:
         "bpf_map_delete_elem": (c_int, [c_int, void_p]),
         "bpf_map_get_next_key": (c_int, [c_int, void_p, void_p]),
         "bpf_prog_attach": (c_int, [c_int, c_int, c_int, ctypes.c_uint]),
+        "bpf_program__attach_uprobe": (void_p, [void_p, ctypes.c_bool, c_int, c_char_p, ctypes.c_size_t]),
+        "bpf_link__destroy": (c_int, [void_p]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
         "libbpf_num_possible_cpus": (c_int, []),
         "ring_buffer__new": (void_p, [c_int, _RING_CALLBACK, void_p, void_p]),
@@ -203,12 +205,35 @@ class Map:
         return key
 
 
+class Link:
+    """A bpf_link: the attachment lasts until destroy() or until this process exits."""
+
+    def __init__(self, handle: int, description: str) -> None:
+        self._handle: int | None = handle
+        self.description = description
+
+    def destroy(self) -> None:
+        if self._handle is not None:
+            library().bpf_link__destroy(self._handle)
+            self._handle = None
+
+
 class Program:
     def __init__(self, name: str, handle: int) -> None:
         lib = library()
         self.name = name
+        self._handle = handle
         self.fd: int = lib.bpf_program__fd(handle)
         self.attach_type: int = lib.bpf_program__expected_attach_type(handle)
+
+    def attach_uprobe(self, binary: Path, offset: int, *, retprobe: bool, pid: int = -1) -> Link:
+        """Attach at `offset` (a file offset) in `binary`, for process `pid` (-1: every process)."""
+        kind = "uretprobe" if retprobe else "uprobe"
+        description = f"{self.name} as a {kind} at {binary}+{offset:#x}"
+        handle = library().bpf_program__attach_uprobe(self._handle, retprobe, pid, os.fsencode(binary), offset)
+        if not handle:
+            raise _failure(f"attaching {description}", -ctypes.get_errno())
+        return Link(handle, description)
 
 
 class BpfObject:

@@ -13,9 +13,7 @@ seen here.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import os
 import re
 import struct
@@ -23,7 +21,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from ebpf import libbpf
 from ebpf.objects import ObjectError, compiled_object
@@ -293,47 +291,6 @@ def _h2_frame_is_plausible(length: int, kind: int, stream: int) -> bool:
     return _H2_FIXED_LENGTHS.get(name, length) == length
 
 
-# ---- uprobe attachment: what ebpf/libbpf.py does not bind ----------------------------------------------
-
-
-@functools.cache
-def _uprobe_api() -> Any:
-    """libbpf's uprobe attach and link calls, bound onto the library ebpf/libbpf.py loaded."""
-    lib = libbpf.library()
-    lib.bpf_program__attach_uprobe.restype = ctypes.c_void_p
-    lib.bpf_program__attach_uprobe.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_bool,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_size_t,
-    ]
-    lib.bpf_link__destroy.restype = ctypes.c_int
-    lib.bpf_link__destroy.argtypes = [ctypes.c_void_p]
-    return lib
-
-
-class _ProbeObject(libbpf.BpfObject):
-    """A loaded object whose programs can be attached as uprobes (libbpf needs the program's handle)."""
-
-    def attach_uprobe(self, program: str, library: Path, offset: int, *, retprobe: bool) -> int:
-        """A bpf_link for `program` at `offset` in `library`, for every process (pid -1)."""
-        api = _uprobe_api()
-        handle = api.bpf_object__find_program_by_name(self._require(), program.encode())
-        if not handle:
-            raise TlsCaptureError(f"no program {program} in {self.path.name}")
-        link: int | None = api.bpf_program__attach_uprobe(handle, retprobe, -1, os.fsencode(library), offset)
-        if not link:
-            number = ctypes.get_errno() or errno.EIO
-            kind = "uretprobe" if retprobe else "uprobe"
-            raise TlsCaptureError(f"attaching {program} as a {kind} at {library}+{offset:#x}: {os.strerror(number)}")
-        return link
-
-
-def _destroy_link(link: int) -> None:
-    _uprobe_api().bpf_link__destroy(link)
-
-
 # ---- the capture -------------------------------------------------------------------------------------
 
 
@@ -351,7 +308,7 @@ def _kernel_path(path: Path) -> Path:
 @dataclass
 class _Attachment:
     path: Path
-    links: list[int]
+    links: list[libbpf.Link]
 
 
 class TlsCapture:
@@ -367,7 +324,7 @@ class TlsCapture:
         if not 0 <= payload_bytes <= MAX_PAYLOAD_BYTES:
             raise TlsCaptureError(f"payload_bytes must be between 0 and {MAX_PAYLOAD_BYTES}, not {payload_bytes}")
         try:
-            self._object = _ProbeObject(compiled_object(SOURCE))
+            self._object = libbpf.BpfObject(compiled_object(SOURCE))
         except (OSError, ObjectError) as exc:
             raise TlsCaptureError(f"loading {SOURCE.name}: {exc}") from exc
         self.payload_bytes = payload_bytes
@@ -375,6 +332,8 @@ class TlsCapture:
         self._events: list[TlsEvent] = []
         try:
             self._maps = {name: self._object.map(name) for name in ("config", "targets", "counters", "events")}
+            names = {program for _, program in _PROBES} | {_RETURN_PROGRAM}
+            self._programs = {name: self._object.program(name) for name in names}
             config = _CONFIG.pack(payload_bytes, 0, _kernel_dev(pidns[0]) if pidns else 0, pidns[1] if pidns else 0)
             self._maps["config"].update(struct.pack("=I", 0), config)
             self._ring = libbpf.RingBuffer(
@@ -431,15 +390,20 @@ class TlsCapture:
             raise TlsCaptureError(f"reading the symbols of {target}: {exc}") from exc
         if not offsets:
             raise TlsCaptureError(f"{target} exports none of {', '.join(f for f, _ in _PROBES)}: not an OpenSSL libssl")
-        links: list[int] = []
+        links: list[libbpf.Link] = []
         try:
             for function, program in _PROBES:
                 if function in offsets:
-                    links.append(self._object.attach_uprobe(program, target, offsets[function], retprobe=False))
-                    links.append(self._object.attach_uprobe(_RETURN_PROGRAM, target, offsets[function], retprobe=True))
+                    offset = offsets[function]
+                    links.append(self._programs[program].attach_uprobe(target, offset, retprobe=False))
+                    links.append(self._programs[_RETURN_PROGRAM].attach_uprobe(target, offset, retprobe=True))
+        except OSError as error:
+            for link in links:
+                link.destroy()
+            raise TlsCaptureError(str(error)) from error
         except BaseException:
             for link in links:
-                _destroy_link(link)
+                link.destroy()
             raise
         self._attachments[key] = _Attachment(target, links)
         return True
@@ -470,6 +434,6 @@ class TlsCapture:
         attachments, self._attachments = self._attachments, {}
         for attachment in attachments.values():
             for link in attachment.links:
-                _destroy_link(link)
+                link.destroy()
         self._ring.close()
         self._object.close()
