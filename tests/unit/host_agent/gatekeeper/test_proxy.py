@@ -637,10 +637,8 @@ class TinyDns:
     """A DNS server on 127.0.0.1 (UDP and TCP, one port) answering from ZONE; big answers are truncated over UDP."""
 
     def __init__(self) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, self.tcp = self._bind_pair()
         self.port: int = self.udp.getsockname()[1]
-        self.tcp = socket.create_server(("127.0.0.1", self.port))
         self.questions: list[tuple[str, str, str]] = []
         for sock in (self.udp, self.tcp):
             sock.settimeout(0.05)
@@ -648,6 +646,18 @@ class TinyDns:
         self._threads = [threading.Thread(target=serve, daemon=True) for serve in (self._serve_udp, self._serve_tcp)]
         for thread in self._threads:
             thread.start()
+
+    @staticmethod
+    def _bind_pair() -> tuple[socket.socket, socket.socket]:
+        """UDP and TCP on one port: the UDP port chosen may be in use for TCP (an outgoing connection), so retry."""
+        for _ in range(50):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            try:
+                return udp, socket.create_server(("127.0.0.1", udp.getsockname()[1]))
+            except OSError:
+                udp.close()
+        raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
 
     def close(self) -> None:
         self._stop.set()
