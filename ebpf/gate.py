@@ -18,12 +18,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ebpf import libbpf
+from ebpf.kernel_ids import kernel_dev
 from ebpf.objects import ObjectError, compiled_object
 
 SOURCE = Path(__file__).with_name("gate.bpf.c")
@@ -88,11 +89,6 @@ class GateEvent:
     comm: str
 
 
-def cgroup_id(path: Path) -> int:
-    """The id BPF helpers report for a cgroup v2 directory: its inode number."""
-    return os.stat(path).st_ino
-
-
 def parse_event(raw: bytes) -> GateEvent:
     """Decode one ring buffer record; kept pure so the layout is tested without a kernel."""
     ts_ns, pid, uid, port, family, proto, verdict, address, comm = _EVENT.unpack(raw[: _EVENT.size])
@@ -130,11 +126,6 @@ def allow_key(network: str) -> tuple[int, int, bytes]:
         if mapped is not None:
             return 4, parsed.prefixlen - 96, mapped.packed
     return parsed.version, parsed.prefixlen, parsed.network_address.packed
-
-
-def _kernel_dev(dev: int) -> int:
-    """st_dev as the kernel's internal dev_t (major << 20 | minor), which bpf_get_ns_current_pid_tgid compares."""
-    return (os.major(dev) << 20) | os.minor(dev)
 
 
 def _net_port(port: int) -> int:
@@ -191,7 +182,7 @@ class EgressGate:
             "mode": _MODES[mode],
             "audit_allows": int(audit_allows),
             "enforcement": _ENFORCEMENTS[enforcement],
-            "pidns_dev": _kernel_dev(pidns[0]) if pidns else 0,
+            "pidns_dev": kernel_dev(pidns[0]) if pidns else 0,
             "pidns_ino": pidns[1] if pidns else 0,
         }
         self.adopted = False
@@ -293,23 +284,23 @@ class EgressGate:
 
     def entries(self) -> list[str]:
         """What the kernel's allow tries hold now, as CIDR text (`10.0.0.5/32`), IPv4 first."""
-        found: list[str] = []
-        for name, size in (("allow4", 4), ("allow6", 16)):
-            for key in self._maps[name].keys():
-                prefixlen = struct.unpack_from("=I", key)[0]
-                found.append(f"{ipaddress.ip_address(key[4 : 4 + size])}/{prefixlen}")
-        return found
+        return [text for _trie, _key, text in self._allow_entries()]
 
     def entries_by_kind(self) -> dict[str, bool]:
         """Every allow entry (CIDR text, as `entries()`) and whether it is static (allowedCIDRs)."""
         found: dict[str, bool] = {}
+        for trie, key, text in self._allow_entries():
+            value = trie.lookup(key)
+            found[text] = value is not None and value[0] == _ALLOW_STATIC
+        return found
+
+    def _allow_entries(self) -> Iterator[tuple[libbpf.Map, bytes, str]]:
+        """(trie, raw key, CIDR text) for every entry of both tries, IPv4 first."""
         for name, size in (("allow4", 4), ("allow6", 16)):
             trie = self._maps[name]
             for key in trie.keys():
-                value = trie.lookup(key)
                 prefixlen = struct.unpack_from("=I", key)[0]
-                found[f"{ipaddress.ip_address(key[4 : 4 + size])}/{prefixlen}"] = value is not None and value[0] == _ALLOW_STATIC
-        return found
+                yield trie, key, f"{ipaddress.ip_address(key[4 : 4 + size])}/{prefixlen}"
 
     def _trie_key(self, network: str) -> tuple[libbpf.Map, bytes]:
         version, prefixlen, packed = allow_key(network)
@@ -376,12 +367,7 @@ class EgressGate:
     # ---- observation -----------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """Decisions since load, summed over CPUs."""
-        table = self._maps["counters"]
-        totals: dict[str, int] = {}
-        for index, name in enumerate(COUNTERS):
-            per_cpu = table.lookup_per_cpu(struct.pack("=I", index))
-            totals[name] = sum(struct.unpack("=Q", value)[0] for value in per_cpu)
-        return totals
+        return self._maps["counters"].u64_totals(COUNTERS)
 
     def poll_events(self, timeout_ms: int) -> list[GateEvent]:
         """Wait up to `timeout_ms` for events and return all that are ready (oldest first). One reader only."""

@@ -19,8 +19,9 @@ import errno
 import functools
 import logging
 import os
+import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,14 @@ class Map:
         if raw is None:
             return []
         return [raw[index * self._slot : index * self._slot + self.value_size] for index in range(self._cpus)]
+
+    def u64_totals(self, names: Sequence[str]) -> dict[str, int]:
+        """A per-CPU array of u64 counters, slot i named names[i], each summed over every CPU."""
+        totals: dict[str, int] = {}
+        for index, name in enumerate(names):
+            per_cpu = self.lookup_per_cpu(struct.pack("=I", index))
+            totals[name] = sum(struct.unpack("=Q", value)[0] for value in per_cpu)
+        return totals
 
     def delete(self, key: bytes) -> bool:
         """Whether there was an entry to delete."""

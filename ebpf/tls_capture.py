@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from ebpf import libbpf
+from ebpf.kernel_ids import cgroup_id, kernel_dev
 from ebpf.objects import ObjectError, compiled_object
 
 SOURCE = Path(__file__).with_name("tls_capture.bpf.c")
@@ -294,11 +295,6 @@ def _h2_frame_is_plausible(length: int, kind: int, stream: int) -> bool:
 # ---- the capture -------------------------------------------------------------------------------------
 
 
-def _kernel_dev(dev: int) -> int:
-    """st_dev as the kernel's internal dev_t (major << 20 | minor), which bpf_get_ns_current_pid_tgid compares."""
-    return (os.major(dev) << 20) | os.minor(dev)
-
-
 def _kernel_path(path: Path) -> Path:
     """The path to give the kernel: symlinks resolved, except for /proc/<pid>/map_files and /proc/<pid>/root
     links, which lead to the right file only when the kernel itself follows them."""
@@ -334,7 +330,7 @@ class TlsCapture:
             self._maps = {name: self._object.map(name) for name in ("config", "targets", "counters", "events")}
             names = {program for _, program in _PROBES} | {_RETURN_PROGRAM}
             self._programs = {name: self._object.program(name) for name in names}
-            config = _CONFIG.pack(payload_bytes, 0, _kernel_dev(pidns[0]) if pidns else 0, pidns[1] if pidns else 0)
+            config = _CONFIG.pack(payload_bytes, 0, kernel_dev(pidns[0]) if pidns else 0, pidns[1] if pidns else 0)
             self._maps["config"].update(struct.pack("=I", 0), config)
             self._ring = libbpf.RingBuffer(
                 self._maps["events"], lambda raw: self._events.append(parse_event(raw, self._clock_offset_ns))
@@ -362,7 +358,7 @@ class TlsCapture:
 
     def _edit_targets(self, cgroup_dir: Path, *, add: bool) -> bool:
         try:
-            key = struct.pack("=Q", os.stat(cgroup_dir).st_ino)  # a cgroup v2 directory's inode is its id
+            key = struct.pack("=Q", cgroup_id(cgroup_dir))
             if add:
                 self._maps["targets"].update(key, b"\x01")
                 return True
@@ -422,12 +418,7 @@ class TlsCapture:
     def counters(self) -> dict[str, int]:
         """Since load, summed over CPUs: events captured, events lost to a full ring buffer, and events
         sent without payload because the buffer could not be read."""
-        table = self._maps["counters"]
-        totals: dict[str, int] = {}
-        for index, name in enumerate(COUNTERS):
-            per_cpu = table.lookup_per_cpu(struct.pack("=I", index))
-            totals[name] = sum(struct.unpack("=Q", value)[0] for value in per_cpu)
-        return totals
+        return self._maps["counters"].u64_totals(COUNTERS)
 
     def close(self) -> None:
         """Detach every probe and release the programs and maps; idempotent."""

@@ -7,8 +7,9 @@ machine. Everything under the root is gated except system.slice and init.scope, 
 own services run (this daemon, first boot, root shells); the agent cannot move itself there.
 
 Fail closed: programs stay attached when the daemon exits, and DNS then goes to a resolver that is no
-longer there. A restarted daemon attaches fresh programs in place of the old ones (no gap) with empty
-maps, so addresses have to be resolved again; nothing is ever more open than before.
+longer there. A restarted daemon attaches fresh programs in place of the old ones (no gap) and takes
+over the maps pinned in PIN_DIR, so what was learned stays reachable; if the allowlist changed while no
+daemon ran, the learned entries are revoked instead. Nothing is ever more open than before.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class Gatekeeper:
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
-        from ebpf.gate import EgressGate, cgroup_id
+        from ebpf.gate import EgressGate
+        from ebpf.kernel_ids import cgroup_id
 
         egress = self.config.egress
         upstream = parse_upstream(self.identity.dns_upstream) if self.identity.dns_upstream else upstream_from_resolv_conf()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpf.gate import cgroup_id
+from ebpf.kernel_ids import cgroup_id
 from tests.conftest import REPO_ROOT
 from tests.gate.conftest import (
     ALLOWED_V4,

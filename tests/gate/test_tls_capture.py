@@ -34,6 +34,7 @@ from ebpf.tls_capture import (
     parse_event,
     ssl_mappings,
 )
+from tests.gate.conftest import GateCgroup, cgroup2_mount
 
 HERE = Path(__file__).resolve().parent
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
@@ -193,42 +194,6 @@ def test_payload_bytes_outside_the_supported_range_are_refused(payload_bytes: in
 # ---- harness for the real probes ---------------------------------------------------------------------
 
 
-def cgroup2_mount() -> Path:
-    """Hybrid hosts mount cgroup v2 at /sys/fs/cgroup/unified; pure v2 hosts at /sys/fs/cgroup."""
-    unified = Path("/sys/fs/cgroup/unified")
-    return unified if (unified / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
-
-
-class CaptureCgroup:
-    """A cgroup v2 directory made for one test; `sub()` makes nested ones, all removed at the end."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.path.mkdir()
-
-    def sub(self, *names: str) -> Path:
-        path = self.path.joinpath(*names)
-        path.mkdir(parents=True)
-        return path
-
-    def remove(self) -> None:
-        """Kill what is left inside, then rmdir bottom-up."""
-        if not self.path.exists():
-            return
-        (self.path / "cgroup.kill").write_text("1")
-        directories = sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-        for directory in [*directories, self.path]:
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    directory.rmdir()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-
-
 class Client:
     """A python `ssl` client (tests/gate/tls_client.py) that joins `cgroup` (None: stays outside) first."""
 
@@ -312,8 +277,8 @@ def port(certificate: tuple[Path, Path]) -> Iterator[int]:
 
 
 @pytest.fixture
-def cgroup(request: pytest.FixtureRequest) -> Iterator[CaptureCgroup]:
-    made = CaptureCgroup(cgroup2_mount() / f"kmtls-test-{os.getpid()}-{request.node.name[:40]}")
+def cgroup(request: pytest.FixtureRequest) -> Iterator[GateCgroup]:
+    made = GateCgroup(cgroup2_mount() / f"kmtls-test-{os.getpid()}-{request.node.name[:40]}")
     try:
         yield made
     finally:
@@ -324,7 +289,7 @@ Spawn = Callable[..., Client]
 
 
 @pytest.fixture
-def spawn(cgroup: CaptureCgroup) -> Iterator[Spawn]:
+def spawn(cgroup: GateCgroup) -> Iterator[Spawn]:
     """Start clients (in the test's cgroup unless told otherwise, `outside=True` for none); all killed at the end."""
     clients: list[Client] = []
 
@@ -344,7 +309,7 @@ MakeCapture = Callable[..., TlsCapture]
 
 
 @pytest.fixture
-def make_capture(cgroup: CaptureCgroup) -> Iterator[MakeCapture]:
+def make_capture(cgroup: GateCgroup) -> Iterator[MakeCapture]:
     """A capture with its probes on the system libssl, targeting the test's cgroup; closed at the end."""
     made: list[TlsCapture] = []
 
@@ -462,7 +427,7 @@ def test_payload_is_off_by_default_and_sizes_are_still_reported(make_capture: Ma
 @root
 @needs_libssl
 def test_only_the_target_cgroup_and_its_descendants_are_captured(
-    make_capture: MakeCapture, spawn: Spawn, cgroup: CaptureCgroup, port: int
+    make_capture: MakeCapture, spawn: Spawn, cgroup: GateCgroup, port: int
 ) -> None:
     """Two sandboxes share libssl's inode: the probe fires for both, the filter keeps the target's."""
     sandbox = cgroup.sub("sandbox")
@@ -490,7 +455,7 @@ def test_only_the_target_cgroup_and_its_descendants_are_captured(
 @root
 @needs_libssl
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_curl_is_captured(make_capture: MakeCapture, cgroup: CaptureCgroup, port: int) -> None:
+def test_curl_is_captured(make_capture: MakeCapture, cgroup: GateCgroup, port: int) -> None:
     capture = make_capture(payload_bytes=1024)
     curl = in_cgroup(
         cgroup.path, "curl", "-sk", "--http1.1", "-H", "X-Marker: curl-secret", f"https://127.0.0.1:{port}/from-curl"
@@ -517,7 +482,7 @@ def test_curl_is_captured(make_capture: MakeCapture, cgroup: CaptureCgroup, port
 @needs_libssl
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_an_http2_request_is_recognised_with_its_stream(
-    make_capture: MakeCapture, cgroup: CaptureCgroup, certificate: tuple[Path, Path]
+    make_capture: MakeCapture, cgroup: GateCgroup, certificate: tuple[Path, Path]
 ) -> None:
     capture = make_capture(payload_bytes=MAX_PAYLOAD_BYTES)
     server, h2_port = start_server(certificate, alpn="h2,http/1.1")
@@ -536,7 +501,7 @@ def test_an_http2_request_is_recognised_with_its_stream(
 @root
 @needs_libssl
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-def test_openssl_s_client_is_captured(make_capture: MakeCapture, cgroup: CaptureCgroup, port: int) -> None:
+def test_openssl_s_client_is_captured(make_capture: MakeCapture, cgroup: GateCgroup, port: int) -> None:
     capture = make_capture(payload_bytes=MAX_PAYLOAD_BYTES)
     request = request_text("/from-s-client", "s-client-secret")
     s_client = in_cgroup(cgroup.path, "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-quiet", "-ign_eof")
@@ -590,7 +555,7 @@ def test_a_file_that_is_not_libssl_is_refused(make_capture: MakeCapture) -> None
 
 @root
 @needs_libssl
-def test_close_detaches_every_probe(spawn: Spawn, cgroup: CaptureCgroup, port: int) -> None:
+def test_close_detaches_every_probe(spawn: Spawn, cgroup: GateCgroup, port: int) -> None:
     before = bpf_fds()
     capture = TlsCapture(payload_bytes=64)
     try:

@@ -41,9 +41,10 @@ PROFILE = textwrap.dedent(f"""\
 PROBE = Path(__file__).with_name("net_probe.py")
 
 
-def probe(*args: str, root: bool = False) -> str:
+def probe(*args: str, root: bool = False, alias: str = ALIAS) -> str:
+    """net_probe's answer in the sandbox, as the sandbox user in the agent slice (or as root)."""
     extra = ["--root"] if root else []
-    result = km("shell", ALIAS, *extra, "--", "python3", "/usr/local/bin/net_probe", *args, check=False)
+    result = km("shell", alias, *extra, "--", "python3", "/usr/local/bin/net_probe", *args, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

@@ -14,6 +14,7 @@ import pytest
 
 from controller.images.store import Image
 from tests.sandbox.test_egress_gate import EPERM, PROFILE, create_in_world
+from tests.sandbox.test_egress_gate import probe as gate_probe
 from tests.sandbox.test_local_lifecycle import km
 from tests.sandbox.world import ADDRESSES, World
 
@@ -25,9 +26,7 @@ PROXY_PROFILE = PROFILE.replace("name: gated, prefix: gt", f"name: {ALIAS}, pref
 
 
 def probe(*args: str) -> str:
-    result = km("shell", ALIAS, "--", "python3", "/usr/local/bin/net_probe", *args, check=False)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return gate_probe(*args, alias=ALIAS)
 
 
 @pytest.fixture(scope="module")
