@@ -19,6 +19,7 @@ import errno
 import functools
 import logging
 import os
+import platform
 import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,14 @@ _PRINT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, 
 _RING_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _LIBBPF_WARN = 0
 _KEPT_LINES = 200
+
+BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type, kernel 6.6+
+_BPF_F_UPROBE_MULTI_RETURN = 1
+_BPF_LINK_CREATE = 28
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+# union bpf_attr for BPF_LINK_CREATE with uprobe_multi: prog_fd, target_fd, attach_type, flags, then
+# path, offsets, ref_ctr_offsets, cookies (pointers), cnt, flags, pid; padded to 64 bytes.
+_UPROBE_MULTI_ATTR = struct.Struct("=IIIIQQQQIII4x")
 
 
 class LibbpfError(OSError):
@@ -76,9 +85,10 @@ def _on_print(level: int, template: bytes | None, arguments: int | None) -> int:
 
 @functools.cache
 def _libc() -> Any:
-    libc = ctypes.CDLL("libc.so.6")
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.vsnprintf.restype = ctypes.c_int
     libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+    libc.syscall.restype = ctypes.c_long
     return libc
 
 
@@ -101,6 +111,7 @@ def library() -> Any:
         "bpf_object__find_map_by_name": (void_p, [void_p, c_char_p]),
         "bpf_program__fd": (c_int, [void_p]),
         "bpf_program__expected_attach_type": (c_int, [void_p]),
+        "bpf_program__set_expected_attach_type": (c_int, [void_p, c_int]),
         "bpf_map__fd": (c_int, [void_p]),
         "bpf_map__key_size": (ctypes.c_uint32, [void_p]),
         "bpf_map__value_size": (ctypes.c_uint32, [void_p]),
@@ -215,7 +226,7 @@ class Map:
 
 
 class Link:
-    """A bpf_link: the attachment lasts until destroy() or until this process exits."""
+    """A bpf_link made by libbpf: the attachment lasts until destroy() or until this process exits."""
 
     def __init__(self, handle: int, description: str) -> None:
         self._handle: int | None = handle
@@ -225,6 +236,33 @@ class Link:
         if self._handle is not None:
             library().bpf_link__destroy(self._handle)
             self._handle = None
+
+
+class FdLink:
+    """A bpf_link made by a raw BPF_LINK_CREATE (what libbpf 1.1 cannot make): its file descriptor is
+    the attachment, so closing it detaches."""
+
+    def __init__(self, fd: int, description: str) -> None:
+        self._fd: int | None = fd
+        self.description = description
+
+    def destroy(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _bpf_syscall(command: int, attr: bytes) -> int:
+    """bpf(2) itself, for commands libbpf 1.1 has no wrapper for; raises OSError with the errno."""
+    number = _SYS_BPF.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) number unknown for {platform.machine()}")
+    buffer = ctypes.create_string_buffer(attr, len(attr))
+    result: int = _libc().syscall(ctypes.c_long(number), ctypes.c_int(command), buffer, ctypes.c_uint(len(attr)))
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
 
 
 class Program:
@@ -244,6 +282,25 @@ class Program:
             raise _failure(f"attaching {description}", -ctypes.get_errno())
         return Link(handle, description)
 
+    def attach_uprobe_multi(self, binary: Path, offsets: Sequence[int], *, retprobe: bool) -> FdLink:
+        """Attach at every file offset in `offsets` of `binary`, for every process, with one
+        uprobe_multi link (kernel 6.6+). Unlike a perf-event uprobe, which some kernels reserve to
+        CAP_SYS_ADMIN, it needs only what loading the program needed (CAP_BPF and CAP_PERFMON). The
+        program must have been loaded with BPF_TRACE_UPROBE_MULTI as its expected attach type."""
+        kind = "uretprobe" if retprobe else "uprobe"
+        description = f"{self.name} as a multi-{kind} at {binary}+{','.join(f'{o:#x}' for o in offsets)}"
+        path = ctypes.create_string_buffer(os.fsencode(binary))
+        table = (ctypes.c_uint64 * len(offsets))(*offsets)
+        attr = _UPROBE_MULTI_ATTR.pack(
+            self.fd, 0, BPF_TRACE_UPROBE_MULTI, 0,
+            ctypes.addressof(path), ctypes.addressof(table), 0, 0,
+            len(offsets), _BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, 0,
+        )  # fmt: skip
+        try:
+            return FdLink(_bpf_syscall(_BPF_LINK_CREATE, attr), description)
+        except OSError as exc:
+            raise LibbpfError(exc.errno or errno.EIO, f"attaching {description}: {exc.strerror}") from exc
+
 
 class BpfObject:
     """A compiled object loaded into the kernel: its programs verified, its maps created.
@@ -252,9 +309,13 @@ class BpfObject:
     as they are attached); close() releases this process's references.
     """
 
-    def __init__(self, path: Path, pinned: Mapping[str, Path] | None = None) -> None:
+    def __init__(
+        self, path: Path, pinned: Mapping[str, Path] | None = None, attach_types: Mapping[str, int] | None = None
+    ) -> None:
         """`pinned` maps map names to files on a bpffs: a map already pinned there is reused (with its
-        entries) instead of created, and a new one is pinned there, so the next loader finds it."""
+        entries) instead of created, and a new one is pinned there, so the next loader finds it.
+        `attach_types` overrides programs' expected attach types, which their section names set (libbpf
+        1.1 knows no section for some, such as BPF_TRACE_UPROBE_MULTI)."""
         lib = library()
         _messages.take()
         handle = lib.bpf_object__open_file(str(path).encode(), None)
@@ -266,6 +327,14 @@ class BpfObject:
                 if not found:
                     raise LibbpfError(errno.ENOENT, f"no map {name} in {path.name} to pin")
                 _check(f"setting the pin path of map {name}", lib.bpf_map__set_pin_path(found, str(pin).encode()))
+            for name, attach_type in (attach_types or {}).items():
+                program = lib.bpf_object__find_program_by_name(handle, name.encode())
+                if not program:
+                    raise LibbpfError(errno.ENOENT, f"no program {name} in {path.name}")
+                _check(
+                    f"setting the attach type of program {name}",
+                    lib.bpf_program__set_expected_attach_type(program, attach_type),
+                )
             _check(f"loading BPF object {path.name} into the kernel", lib.bpf_object__load(handle))
         except BaseException:
             lib.bpf_object__close(handle)

@@ -301,10 +301,16 @@ def _kernel_path(path: Path) -> Path:
     return path if path.parts[:2] == ("/", "proc") else path.resolve()
 
 
+def uprobe_multi_supported(release: str | None = None) -> bool:
+    """Whether this kernel has uprobe_multi links (6.6+); older ones get perf-event uprobes."""
+    found = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return found is not None and (int(found[1]), int(found[2])) >= (6, 6)
+
+
 @dataclass
 class _Attachment:
     path: Path
-    links: list[libbpf.Link]
+    links: list[libbpf.Link | libbpf.FdLink]
 
 
 class TlsCapture:
@@ -319,8 +325,13 @@ class TlsCapture:
         `pidns`: (st_dev, st_ino) of the sandbox's /proc/<pid>/ns/pid, to report its pids."""
         if not 0 <= payload_bytes <= MAX_PAYLOAD_BYTES:
             raise TlsCaptureError(f"payload_bytes must be between 0 and {MAX_PAYLOAD_BYTES}, not {payload_bytes}")
+        names = [program for _, program in _PROBES] + [_RETURN_PROGRAM]
+        # uprobe_multi links need only CAP_BPF and CAP_PERFMON, where perf-event uprobes need
+        # CAP_SYS_ADMIN on recent kernels (measured on 6.18), which the host agent does not have.
+        self.multi = uprobe_multi_supported()
+        attach_types = dict.fromkeys(names, libbpf.BPF_TRACE_UPROBE_MULTI) if self.multi else None
         try:
-            self._object = libbpf.BpfObject(compiled_object(SOURCE))
+            self._object = libbpf.BpfObject(compiled_object(SOURCE), attach_types=attach_types)
         except (OSError, ObjectError) as exc:
             raise TlsCaptureError(f"loading {SOURCE.name}: {exc}") from exc
         self.payload_bytes = payload_bytes
@@ -328,7 +339,6 @@ class TlsCapture:
         self._events: list[TlsEvent] = []
         try:
             self._maps = {name: self._object.map(name) for name in ("config", "targets", "counters", "events")}
-            names = {program for _, program in _PROBES} | {_RETURN_PROGRAM}
             self._programs = {name: self._object.program(name) for name in names}
             config = _CONFIG.pack(payload_bytes, 0, kernel_dev(pidns[0]) if pidns else 0, pidns[1] if pidns else 0)
             self._maps["config"].update(struct.pack("=I", 0), config)
@@ -386,13 +396,20 @@ class TlsCapture:
             raise TlsCaptureError(f"reading the symbols of {target}: {exc}") from exc
         if not offsets:
             raise TlsCaptureError(f"{target} exports none of {', '.join(f for f, _ in _PROBES)}: not an OpenSSL libssl")
-        links: list[libbpf.Link] = []
+        links: list[libbpf.Link | libbpf.FdLink] = []
+        returns = self._programs[_RETURN_PROGRAM]
         try:
             for function, program in _PROBES:
-                if function in offsets:
-                    offset = offsets[function]
+                if function not in offsets:
+                    continue
+                offset = offsets[function]
+                if self.multi:
+                    links.append(self._programs[program].attach_uprobe_multi(target, [offset], retprobe=False))
+                else:
                     links.append(self._programs[program].attach_uprobe(target, offset, retprobe=False))
-                    links.append(self._programs[_RETURN_PROGRAM].attach_uprobe(target, offset, retprobe=True))
+                    links.append(returns.attach_uprobe(target, offset, retprobe=True))
+            if self.multi:
+                links.append(returns.attach_uprobe_multi(target, list(offsets.values()), retprobe=True))
         except OSError as error:
             for link in links:
                 link.destroy()

@@ -33,7 +33,9 @@ from ebpf.tls_capture import (
     libraries_in_use,
     parse_event,
     ssl_mappings,
+    uprobe_multi_supported,
 )
+from tests.conftest import REPO_ROOT
 from tests.gate.conftest import GateCgroup, cgroup2_mount
 
 HERE = Path(__file__).resolve().parent
@@ -183,6 +185,13 @@ def test_ssl_mappings_name_each_libssl_once_with_a_range_that_maps_it() -> None:
         "/opt/app/lib/libssl.so.1.1": "7f0000003000-7f0000004000",
         "/old/libssl.so.3": "7f0000007000-7f0000008000",
     }
+
+
+@pytest.mark.parametrize(
+    ("release", "supported"), [("6.18.44-fc-v657", True), ("6.6.0", True), ("6.1.0-28-cloud-amd64", False), ("5.15", False)]
+)
+def test_uprobe_multi_is_used_from_kernel_6_6(release: str, supported: bool) -> None:
+    assert uprobe_multi_supported(release) is supported
 
 
 @pytest.mark.parametrize("payload_bytes", [-1, MAX_PAYLOAD_BYTES + 1])
@@ -374,6 +383,11 @@ def kernel_links(program_ids: set[int]) -> list[dict[str, Any]]:
     return [link for link in json.loads(listed or "[]") if link.get("prog_id") in program_ids]
 
 
+def program_exists(program_id: int) -> bool:
+    shown = subprocess.run(["bpftool", "prog", "show", "id", str(program_id)], capture_output=True, text=True)
+    return shown.returncode == 0
+
+
 # ---- real probes -------------------------------------------------------------------------------------
 
 
@@ -535,7 +549,7 @@ def test_one_library_reached_by_several_paths_is_attached_once(
     finally:
         subprocess.run(["umount", str(bound)], check=True)
     assert capture.libraries() == [LIBSSL]
-    assert len(bpf_fds()["link"]) == 8
+    assert len(bpf_fds()["link"]) == (5 if capture.multi else 8)  # uprobe_multi: one link per entry, one return
 
     spawn().do("get", port=port, request=request_text("/once", "counted-once"))
 
@@ -564,9 +578,10 @@ def test_close_detaches_every_probe(spawn: Spawn, cgroup: GateCgroup, port: int)
         attached = bpf_fds()
         programs = attached["prog"] - before["prog"]
         assert len(programs) == 5  # four entry programs and the shared return program
-        assert len(attached["link"] - before["link"]) == 8
-        assert len(attached["perf_event"] - before["perf_event"]) == 8
-        assert len(kernel_links(programs)) == 8
+        links = 5 if capture.multi else 8  # uprobe_multi: a link per entry program and one for the returns
+        assert len(attached["link"] - before["link"]) == links
+        assert len(attached["perf_event"] - before["perf_event"]) == (0 if capture.multi else 8)
+        assert len(kernel_links(programs)) == links
         client = spawn()
         client.do("get", port=port, request=request_text("/", "before-close"))
         assert collect(capture, lambda found: any(map(carrying("before-close"), found)))
@@ -578,11 +593,36 @@ def test_close_detaches_every_probe(spawn: Spawn, cgroup: GateCgroup, port: int)
     assert after["link"] == before["link"] and after["perf_event"] == before["perf_event"]
     assert after["prog"] == before["prog"]
     assert kernel_links(programs) == []
-    for program in programs:  # the kernel freed them: nothing of the capture runs on SSL calls any more
-        shown = subprocess.run(["bpftool", "prog", "show", "id", str(program)], capture_output=True, text=True)
-        assert shown.returncode != 0
+    # The kernel frees them (a uprobe_multi link's release waits for an RCU grace period): nothing of
+    # the capture runs on SSL calls any more.
+    deadline = time.monotonic() + 10
+    while remaining := [program for program in programs if program_exists(program)]:
+        assert time.monotonic() < deadline, f"programs {remaining} still loaded after close()"
+        time.sleep(0.05)
     client.do("get", port=port, request=request_text("/", "after-close"))
     assert capture.poll(100) == []
+
+
+@root
+@needs_libssl
+@pytest.mark.skipif(not uprobe_multi_supported(), reason="uprobe_multi links need kernel 6.6+")
+def test_probes_attach_with_only_the_host_agents_capabilities(cgroup: GateCgroup, port: int) -> None:
+    """The host agent runs without CAP_SYS_ADMIN, which perf-event uprobes need on recent kernels."""
+    script = (
+        "from pathlib import Path\n"
+        "from ebpf.tls_capture import TlsCapture\n"
+        "with TlsCapture() as capture:\n"
+        f"    capture.attach_library(Path({str(LIBSSL)!r}))\n"
+        f"    capture.add_target(Path({str(cgroup.path)!r}))\n"
+        "    print(len(capture.libraries()), capture.multi)\n"
+    )
+    narrowed = ["setpriv", "--bounding-set", "-all,+bpf,+perfmon,+dac_override", "--inh-caps=-all"]
+    finished = subprocess.run(
+        [*narrowed, sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+    )
+
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.split() == ["1", "True"]
 
 
 @root
