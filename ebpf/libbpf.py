@@ -123,6 +123,7 @@ def library() -> Any:
         "bpf_map_get_next_key": (c_int, [c_int, void_p, void_p]),
         "bpf_prog_attach": (c_int, [c_int, c_int, c_int, ctypes.c_uint]),
         "bpf_program__attach_uprobe": (void_p, [void_p, ctypes.c_bool, c_int, c_char_p, ctypes.c_size_t]),
+        "bpf_program__attach": (void_p, [void_p]),
         "bpf_link__destroy": (c_int, [void_p]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
         "libbpf_num_possible_cpus": (c_int, []),
@@ -278,6 +279,14 @@ class Program:
         kind = "uretprobe" if retprobe else "uprobe"
         description = f"{self.name} as a {kind} at {binary}+{offset:#x}"
         handle = library().bpf_program__attach_uprobe(self._handle, retprobe, pid, os.fsencode(binary), offset)
+        if not handle:
+            raise _failure(f"attaching {description}", -ctypes.get_errno())
+        return Link(handle, description)
+
+    def attach(self) -> Link:
+        """Attach where the program's section says (`raw_tracepoint/<name>` and the like)."""
+        description = f"{self.name} where its section names"
+        handle = library().bpf_program__attach(self._handle)
         if not handle:
             raise _failure(f"attaching {description}", -ctypes.get_errno())
         return Link(handle, description)

@@ -7,13 +7,39 @@
  * sandboxes cloned from the same image. Only tasks whose cgroup (or an ancestor) is in `targets` are
  * captured, and that check is made here, in the kernel, so nobody else's plaintext is ever copied.
  *
- * Compiled ahead of time (ebpf/objects.py). Only uapi structures (pt_regs) are read, so the object
- * needs no relocation.
+ * Which peer a call talked to is taken where OpenSSL moves the ciphertext: programs on the
+ * sock_send_length and sock_recv_length tracepoints note the socket's remote address in the
+ * thread's pending call (the first send or receive the call makes). A call served from OpenSSL's own buffer makes no such call; the reader
+ * then names the peer from the connection's earlier calls.
+ *
+ * Compiled ahead of time (ebpf/objects.py). The kernel's struct sock is read through CO-RE: the
+ * minimal definitions below are relocated by libbpf against the running kernel's BTF at load.
  */
 #include <linux/bpf.h>
 #include <linux/ptrace.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+/* Only the fields read here; libbpf finds them by name in the kernel's struct sock (the ___km suffix
+ * keeps them apart from any other declaration and is ignored when matching). */
+struct in6_addr___km {
+    __u8 s6_addr[16];
+} __attribute__((preserve_access_index));
+
+struct sock_common___km {
+    __be32 skc_daddr;
+    __be16 skc_dport;
+    unsigned short skc_family;
+    struct in6_addr___km skc_v6_daddr;
+} __attribute__((preserve_access_index));
+
+struct sock___km {
+    struct sock_common___km __sk_common;
+} __attribute__((preserve_access_index));
+
+#define KM_AF_INET 2
+#define KM_AF_INET6 10
 
 #define TLS_MAX_PAYLOAD 4096
 #define TLS_MAX_ANCESTOR_LEVELS 16
@@ -39,11 +65,13 @@ struct tls_call {
     __u64 buffer;    /* user address of the plaintext */
     __u64 count_out; /* _ex variants: the size_t * the byte count is written to; 0 otherwise */
     __u32 direction;
-    __u32 reserved;
+    __u16 family;    /* the peer, once a TCP send or receive in the call has named it; 0 until then */
+    __u16 port;      /* network byte order */
+    __u8 address[16];
 };
 
-/* A 56-byte header followed by `captured` payload bytes; only header + captured bytes are sent.
- * The Python side unpacks the header with struct format "=QQIIIIIB3x16s". */
+/* A 76-byte header followed by `captured` payload bytes; only header + captured bytes are sent.
+ * The Python side unpacks the header with struct format "=QQIIIIIB3x16sHH16s". */
 struct tls_event {
     __u64 ts_ns;
     __u64 ssl;
@@ -55,6 +83,9 @@ struct tls_event {
     __u8 direction;
     __u8 pad[3];
     char comm[16];
+    __u16 family; /* AF_INET, AF_INET6, or 0: the call made no TCP send or receive */
+    __u16 port;   /* network byte order */
+    __u8 address[16];
     __u8 payload[TLS_MAX_PAYLOAD];
 };
 
@@ -186,6 +217,9 @@ static __always_inline int on_return(struct pt_regs *ctx) {
     event->size = moved > 0xffffffff ? 0xffffffff : (__u32)moved;
     event->direction = (__u8)call.direction;
     bpf_get_current_comm(&event->comm, sizeof(event->comm));
+    event->family = call.family;
+    event->port = call.port;
+    __builtin_memcpy(event->address, call.address, sizeof(event->address));
 
     /* 64-bit lengths, and the bound restated right at the read: with 32-bit ones clang clamps a copy
      * whose bounds the verifier loses, and it refuses the variable-size record. */
@@ -208,6 +242,38 @@ static __always_inline int on_return(struct pt_regs *ctx) {
     }
     count(COUNTER_CAPTURED);
     return 0;
+}
+
+/* A socket send or receive made inside a pending SSL call: the peer of that call. */
+static __always_inline int note_peer(struct sock___km *sk) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct tls_call *call = bpf_map_lookup_elem(&calls, &pid_tgid);
+    if (!call || call->family != 0)
+        return 0;
+    __u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+    if (family == KM_AF_INET) {
+        __be32 address = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+        __builtin_memcpy(call->address, &address, sizeof(address));
+    } else if (family == KM_AF_INET6) {
+        bpf_core_read(call->address, sizeof(call->address), &sk->__sk_common.skc_v6_daddr);
+    } else {
+        return 0;
+    }
+    call->port = BPF_CORE_READ(sk, __sk_common.skc_dport);
+    call->family = family;
+    return 0;
+}
+
+/* sock_send_length and sock_recv_length (kernel 6.3+) fire after every send and receive on a socket,
+ * with the struct sock first: raw tracepoints, because this kernel kind has neither kprobes nor fentry. */
+SEC("raw_tracepoint/sock_send_length")
+int sock_send_peer(struct bpf_raw_tracepoint_args *ctx) {
+    return note_peer((struct sock___km *)ctx->args[0]);
+}
+
+SEC("raw_tracepoint/sock_recv_length")
+int sock_recv_peer(struct bpf_raw_tracepoint_args *ctx) {
+    return note_peer((struct sock___km *)ctx->args[0]);
 }
 
 SEC("uprobe")

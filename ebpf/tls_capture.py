@@ -14,12 +14,15 @@ seen here.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import re
+import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,9 +43,11 @@ _PROBES = (
     ("SSL_read_ex", "ssl_read_ex_entry"),
 )
 _RETURN_PROGRAM = "ssl_call_return"
+_PEER_PROGRAMS = ("sock_send_peer", "sock_recv_peer")  # raw tracepoints sock_send_length/sock_recv_length
+_PEERS_REMEMBERED = 4096  # connections whose peer is kept for the calls that make no TCP call
 
-# struct tls_event's header: ts_ns, ssl, pid, tid, uid, size, captured, direction, comm.
-_EVENT = struct.Struct("=QQIIIIIB3x16s")
+# struct tls_event's header: ts_ns, ssl, pid, tid, uid, size, captured, direction, comm, family, port, address.
+_EVENT = struct.Struct("=QQIIIIIB3x16sHH16s")
 # struct tls_config: payload_bytes, reserved, pidns dev, pidns ino.
 _CONFIG = struct.Struct("=IIQQ")
 
@@ -58,7 +63,8 @@ class TlsEvent:
     `time` is wall-clock seconds since the epoch; `pid`/`tid` are in the pid namespace the capture was
     given when the task is in it, else host ids; `size` is what the call moved and `payload` its first
     bytes (empty unless the capture was made with payload_bytes > 0). `connection` is the SSL object's
-    address: equal for calls on the same TLS connection of one process.
+    address: equal for calls on the same TLS connection of one process. `peer` is the remote (address,
+    port) of the TCP connection under it, None when it could not be told.
     """
 
     time: float
@@ -70,11 +76,23 @@ class TlsEvent:
     payload: bytes
     tid: int
     connection: int
+    peer: tuple[str, int] | None = None
+
+
+def _peer(family: int, port: int, address: bytes) -> tuple[str, int] | None:
+    """The kernel's sockaddr parts as (address, port); a v4-mapped IPv6 peer is given as IPv4."""
+    port = socket.ntohs(port)
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(address[:4])), port
+    if family == socket.AF_INET6:
+        v6 = ipaddress.IPv6Address(address)
+        return str(v6.ipv4_mapped or v6), port
+    return None
 
 
 def parse_event(raw: bytes, clock_offset_ns: int = 0) -> TlsEvent:
     """Decode one ring buffer record; `clock_offset_ns` turns CLOCK_MONOTONIC into wall-clock time."""
-    ts_ns, ssl, pid, tid, uid, size, captured, direction, comm = _EVENT.unpack_from(raw)
+    ts_ns, ssl, pid, tid, uid, size, captured, direction, comm, family, port, address = _EVENT.unpack_from(raw)
     return TlsEvent(
         time=(ts_ns + clock_offset_ns) / 1e9,
         pid=pid,
@@ -85,6 +103,7 @@ def parse_event(raw: bytes, clock_offset_ns: int = 0) -> TlsEvent:
         payload=raw[_EVENT.size : _EVENT.size + captured],
         tid=tid,
         connection=ssl,
+        peer=_peer(family, port, address),
     )
 
 
@@ -348,7 +367,18 @@ class TlsCapture:
         except OSError as exc:
             self._object.close()
             raise TlsCaptureError(f"setting up {SOURCE.name}: {exc}") from exc
+        self._peer_links: list[libbpf.Link] = []
+        self.peers_unknown: str | None = None  # why peers cannot be named, when they cannot
+        try:
+            for name in _PEER_PROGRAMS:
+                self._peer_links.append(self._object.program(name).attach())
+        except OSError as exc:  # kernels before 6.3 lack the tracepoints: capture still works, unnamed
+            for link in self._peer_links:
+                link.destroy()
+            self._peer_links = []
+            self.peers_unknown = f"peers are not named on this kernel: {exc}"
         self._attachments: dict[tuple[int, int], _Attachment] = {}
+        self._peers: OrderedDict[tuple[int, int], tuple[str, int]] = OrderedDict()
 
     def __enter__(self) -> TlsCapture:
         return self
@@ -430,7 +460,19 @@ class TlsCapture:
         """Wait up to `timeout_ms` for events and return all that are ready (oldest first)."""
         self._ring.poll(timeout_ms)
         ready, self._events = self._events, []
-        return ready
+        return [self._with_peer(event) for event in ready]
+
+    def _with_peer(self, event: TlsEvent) -> TlsEvent:
+        """Name the peer of a call that made no TCP call from the connection's earlier calls."""
+        key = (event.pid, event.connection)
+        if event.peer is not None:
+            self._peers[key] = event.peer
+            self._peers.move_to_end(key)
+            while len(self._peers) > _PEERS_REMEMBERED:
+                self._peers.popitem(last=False)
+            return event
+        known = self._peers.get(key)
+        return replace(event, peer=known) if known is not None else event
 
     def counters(self) -> dict[str, int]:
         """Since load, summed over CPUs: events captured, events lost to a full ring buffer, and events
@@ -443,5 +485,8 @@ class TlsCapture:
         for attachment in attachments.values():
             for link in attachment.links:
                 link.destroy()
+        for link in self._peer_links:
+            link.destroy()
+        self._peer_links = []
         self._ring.close()
         self._object.close()

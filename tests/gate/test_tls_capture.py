@@ -12,6 +12,7 @@ import os
 import re
 import selectors
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -158,13 +159,40 @@ def test_function_offsets_refuse_a_file_that_is_not_elf(tmp_path: Path) -> None:
         function_offsets(text, ["SSL_write"])
 
 
+EVENT_HEADER = "=QQIIIIIB3x16sHH16s"
+
+
 def test_parse_event_reads_the_header_and_only_the_captured_payload() -> None:
-    header = struct.pack("=QQIIIIIB3x16s", 5_000_000_000, 0xABC, 42, 43, 1000, 9000, 5, 1, b"curl\0junk")
+    peer = socket.AF_INET, socket.htons(443), bytes([10, 0, 0, 7]) + bytes(12)
+    header = struct.pack(EVENT_HEADER, 5_000_000_000, 0xABC, 42, 43, 1000, 9000, 5, 1, b"curl\0junk", *peer)
     event = parse_event(header + b"HTTP/and more bytes than captured", clock_offset_ns=1_000_000_000)
 
     assert event == TlsEvent(
-        time=6.0, pid=42, uid=1000, comm="curl", direction="read", size=9000, payload=b"HTTP/", tid=43, connection=0xABC
+        time=6.0,
+        pid=42,
+        uid=1000,
+        comm="curl",
+        direction="read",
+        size=9000,
+        payload=b"HTTP/",
+        tid=43,
+        connection=0xABC,
+        peer=("10.0.0.7", 443),
     )
+
+
+@pytest.mark.parametrize(
+    ("family", "address", "peer"),
+    [
+        (socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "fd00::5"), ("fd00::5", 8443)),
+        (socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::ffff:10.1.2.3"), ("10.1.2.3", 8443)),
+        (0, bytes(16), None),  # the call made no TCP call, so its peer is unknown here
+    ],
+)
+def test_parse_event_names_the_peer_in_each_family(family: int, address: bytes, peer: tuple[str, int] | None) -> None:
+    header = struct.pack(EVENT_HEADER, 1, 2, 3, 4, 5, 6, 0, 0, b"python3", family, socket.htons(8443), address)
+
+    assert parse_event(header).peer == peer
 
 
 def test_ssl_mappings_name_each_libssl_once_with_a_range_that_maps_it() -> None:
@@ -383,6 +411,12 @@ def kernel_links(program_ids: set[int]) -> list[dict[str, Any]]:
     return [link for link in json.loads(listed or "[]") if link.get("prog_id") in program_ids]
 
 
+def probe_links(capture: TlsCapture) -> int:
+    """bpf_links of a capture with one libssl: uprobe_multi makes a link per entry program and one for all
+    returns (perf uprobes: a pair per function); the peer programs add one each."""
+    return (5 if capture.multi else 8) + (0 if capture.peers_unknown else 2)
+
+
 def program_exists(program_id: int) -> bool:
     shown = subprocess.run(["bpftool", "prog", "show", "id", str(program_id)], capture_output=True, text=True)
     return shown.returncode == 0
@@ -412,6 +446,7 @@ def test_python_client_plaintext_is_captured_with_sizes_and_http_names(
     assert sum(r.size for r in reads) == len(response.encode())
     assert {(e.pid, e.comm, e.uid) for e in events} == {(client.process.pid, "kmtls-client", 0)}
     assert len({e.connection for e in events}) == 1
+    assert {e.peer for e in events} == {("127.0.0.1", port)}  # the TCP connection under the TLS one
     assert abs(events[0].time - time.time()) < 30
     assert describe_http(writes[0].payload) == {
         "protocol": "http/1.1",
@@ -549,7 +584,7 @@ def test_one_library_reached_by_several_paths_is_attached_once(
     finally:
         subprocess.run(["umount", str(bound)], check=True)
     assert capture.libraries() == [LIBSSL]
-    assert len(bpf_fds()["link"]) == (5 if capture.multi else 8)  # uprobe_multi: one link per entry, one return
+    assert len(bpf_fds()["link"]) == probe_links(capture)
 
     spawn().do("get", port=port, request=request_text("/once", "counted-once"))
 
@@ -577,8 +612,8 @@ def test_close_detaches_every_probe(spawn: Spawn, cgroup: GateCgroup, port: int)
         capture.add_target(cgroup.path)
         attached = bpf_fds()
         programs = attached["prog"] - before["prog"]
-        assert len(programs) == 5  # four entry programs and the shared return program
-        links = 5 if capture.multi else 8  # uprobe_multi: a link per entry program and one for the returns
+        assert len(programs) == 7  # four entry programs, the shared return program, two peer programs
+        links = probe_links(capture)
         assert len(attached["link"] - before["link"]) == links
         assert len(attached["perf_event"] - before["perf_event"]) == (0 if capture.multi else 8)
         assert len(kernel_links(programs)) == links
@@ -614,7 +649,7 @@ def test_probes_attach_with_only_the_host_agents_capabilities(cgroup: GateCgroup
         "with TlsCapture() as capture:\n"
         f"    capture.attach_library(Path({str(LIBSSL)!r}))\n"
         f"    capture.add_target(Path({str(cgroup.path)!r}))\n"
-        "    print(len(capture.libraries()), capture.multi)\n"
+        "    print(len(capture.libraries()), capture.multi, capture.peers_unknown is None)\n"
     )
     narrowed = ["setpriv", "--bounding-set", "-all,+bpf,+perfmon,+dac_override", "--inh-caps=-all"]
     finished = subprocess.run(
@@ -622,7 +657,7 @@ def test_probes_attach_with_only_the_host_agents_capabilities(cgroup: GateCgroup
     )
 
     assert finished.returncode == 0, finished.stderr
-    assert finished.stdout.split() == ["1", "True"]
+    assert finished.stdout.split() == ["1", "True", "True"]
 
 
 @root
