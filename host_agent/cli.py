@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from host_agent.paths import CONFIG_PATH, CONTROL_SOCKET, SANDBOX_ENV_PATH, STATE_DIR, TMUX_SOCKET
+from host_agent.paths import (
+    CONFIG_PATH,
+    CONTROL_SOCKET,
+    OTLP_RECEIVER_PORT,
+    SANDBOX_ENV_PATH,
+    STATE_DIR,
+    TELEMETRY_ENV_PATH,
+    TMUX_SOCKET,
+)
 from host_agent.version import __version__
 
 EXIT_FAILED = 1
@@ -108,16 +116,24 @@ def command_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_health(args: argparse.Namespace) -> int:
+def _daemon_query(args: argparse.Namespace, operation: str, timeout: float) -> int:
     from host_agent.control import ControlError, call
 
     try:
-        response = call({"op": "health"}, args.control_socket, timeout=5)
+        response = call({"op": operation}, args.control_socket, timeout=timeout)
     except ControlError as error:
         raise CommandError(str(error)) from error
     response.pop("ok", None)
     _print_json(response)
     return 0
+
+
+def command_health(args: argparse.Namespace) -> int:
+    return _daemon_query(args, "health", timeout=5)
+
+
+def command_flush_telemetry(args: argparse.Namespace) -> int:
+    return _daemon_query(args, "flush-telemetry", timeout=30)
 
 
 def command_status(args: argparse.Namespace) -> int:
@@ -165,6 +181,8 @@ def command_daemon(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             sandbox_user=args.sandbox_user,
             gate_cgroup=args.gate_cgroup,
+            telemetry_env=args.telemetry_env,
+            otlp_port=args.otlp_port,
         )
     )
 
@@ -186,6 +204,10 @@ def _parser() -> argparse.ArgumentParser:
         "--gate-cgroup",
         type=Path,
         help="attach the egress gate to this cgroup v2 dir; `auto`: this machine's cgroup2 root (the unit passes it)",
+    )
+    daemon.add_argument("--telemetry-env", type=Path, default=TELEMETRY_ENV_PATH, help="the operator's collector, if any")
+    daemon.add_argument(
+        "--otlp-port", type=int, default=OTLP_RECEIVER_PORT, help="the agents' loopback OTLP/HTTP receiver (0: any free port)"
     )
     daemon.set_defaults(handler=command_daemon)
     check = commands.add_parser("check-config", parents=[common], help="validate host-agent.json and exit")
@@ -216,6 +238,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=command_list)
     health = commands.add_parser("health", parents=[common], help="the daemon's own state")
     health.set_defaults(handler=command_health)
+    flush = commands.add_parser("flush-telemetry", parents=[common], help="export and upload telemetry recorded so far")
+    flush.set_defaults(handler=command_flush_telemetry)
     return parser
 
 

@@ -1,7 +1,9 @@
 """The daemon's main loop: load the policy, start the components, tell systemd it is ready, pet the watchdog.
 
-Components (agent runs and their control socket, the outbox; the gatekeeper and capture later) start
-before READY=1, so `systemctl start` returning means the sandbox can take runs. The loop takes signals
+Components (the gatekeeper, the TLS capture, agent runs and their control socket, the outbox) start
+before READY=1, so `systemctl start` returning means the sandbox can take runs. Telemetry starts beside
+them on its own thread (its imports alone take a third of a second); what the gate and the capture
+report meanwhile waits in a buffer. The loop takes signals
 synchronously (`sigtimedwait`), so there are no handlers racing it, and between signals it reconciles
 runs whose wrapper died unrecorded. The components' threads inherit the blocked signal mask.
 """
@@ -12,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +22,26 @@ from typing import TYPE_CHECKING, Any
 
 from host_agent.config import HostAgentConfig, SandboxIdentity, load_config, load_identity
 from host_agent.control import ControlServer
-from host_agent.paths import CONFIG_PATH, CONTROL_SOCKET, SANDBOX_ENV_PATH, STATE_DIR, TMUX_SOCKET
+from host_agent.paths import (
+    CONFIG_PATH,
+    CONTROL_SOCKET,
+    OTLP_RECEIVER_PORT,
+    SANDBOX_ENV_PATH,
+    STATE_DIR,
+    TELEMETRY_ENV_PATH,
+    TMUX_SOCKET,
+)
 from host_agent.runs.layout import TERMINAL, all_runs
 from host_agent.runs.sessions import RunSessions
 from host_agent.sdnotify import notify, watchdog_interval_seconds
+from host_agent.telemetry.buffered import BufferedEvents
 from host_agent.version import __version__
 
 if TYPE_CHECKING:
+    from host_agent.capture.component import TlsCaptureComponent
     from host_agent.gatekeeper.component import Gatekeeper
     from host_agent.outbox import Outbox
+    from host_agent.telemetry.component import Observability
 
 log = logging.getLogger("km-host-agent")
 RECONCILE_INTERVAL_SECONDS = 2.0
@@ -56,6 +70,9 @@ class DaemonPaths:
     sandbox_user: str = "sandbox"
     # The cgroup the egress gate is attached to; None: no gate (tests of other parts, on a host).
     gate_cgroup: Path | None = None
+    telemetry_env: Path = TELEMETRY_ENV_PATH
+    otlp_port: int = OTLP_RECEIVER_PORT
+    metric_export_interval_seconds: float = 60.0
 
 
 class Daemon:
@@ -70,6 +87,12 @@ class Daemon:
         self.outbox_error: str | None = None
         self.gatekeeper: Gatekeeper | None = None
         self.control: ControlServer | None = None
+        self.events = BufferedEvents()
+        self.observability: Observability | None = None
+        self.observability_error: str | None = None
+        self._observability_thread: threading.Thread | None = None
+        self.capture: TlsCaptureComponent | None = None
+        self.capture_error: str | None = None
 
     def run(self) -> int:
         try:
@@ -79,11 +102,16 @@ class Daemon:
             log.error("cannot load config", extra={"fields": {"config": str(self.paths.config), "error": str(error)}})
             return 1
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)  # before any thread starts: they inherit it
+        self._observability_thread = threading.Thread(
+            target=self._start_observability, args=(self.config, self.identity), name="telemetry-start", daemon=True
+        )
+        self._observability_thread.start()
         try:
             self._start_gate(self.config, self.identity)
         except Exception as error:  # no READY without the gate: the sandbox must not run agents unguarded
             log.error("egress gate failed to start", extra={"fields": {"error": f"{type(error).__name__}: {error}"}})
             return 1
+        self._start_capture(self.config)
         self._start_components(self.config, self.identity)
         notify("READY=1", f"STATUS=enforcing profile {self.config.profile}")
         log.info("ready", extra={"fields": {"version": __version__, "profile": self.config.profile}})
@@ -111,9 +139,56 @@ class Daemon:
         root = cgroup2_root() if str(self.paths.gate_cgroup) == "auto" else self.paths.gate_cgroup
         state = self.paths.state_dir
         self.gatekeeper = Gatekeeper(
-            config, identity, root, learn_report=state / "learn-report.json", policy_record=state / "gate-policy.json"
+            config,
+            identity,
+            root,
+            learn_report=state / "learn-report.json",
+            policy_record=state / "gate-policy.json",
+            events=self.events,
         )
         self.gatekeeper.start()
+
+    def _start_observability(self, config: HostAgentConfig, identity: SandboxIdentity) -> None:
+        """Telemetry, on its own thread; a failure is reported in health and logs, never stops the daemon."""
+        try:
+            from host_agent.telemetry.component import Observability, load_destination
+
+            target = None
+            if identity.artifacts_uri:
+                from host_agent.outbox import target_for
+
+                target = target_for(identity.artifacts_uri, region=config.region)
+            observability = Observability(
+                config,
+                identity,
+                self.paths.state_dir,
+                destination=load_destination(self.paths.telemetry_env),
+                upload_target=target,
+                receiver_port=self.paths.otlp_port,
+                metric_export_interval_seconds=self.paths.metric_export_interval_seconds,
+            )
+            self.events.attach(observability.start())
+            self.observability = observability
+        except Exception as error:
+            self.observability_error = f"{type(error).__name__}: {error}"
+            log.error("telemetry not started", extra={"fields": {"error": self.observability_error}})
+
+    def _start_capture(self, config: HostAgentConfig) -> None:
+        """TLS capture when the profile enables it; without it the sandbox still runs, and health says why."""
+        if not config.observability.tls_capture.enabled or self.paths.gate_cgroup is None:
+            return
+        from host_agent.capture.component import CaptureError, TlsCaptureComponent
+        from host_agent.gatekeeper.component import cgroup2_root
+
+        root = cgroup2_root() if str(self.paths.gate_cgroup) == "auto" else self.paths.gate_cgroup
+        capture = TlsCaptureComponent(config.observability.tls_capture, root, self.events)
+        try:
+            capture.start()
+        except CaptureError as error:
+            self.capture_error = str(error)
+            log.error("TLS capture not started", extra={"fields": {"error": self.capture_error}})
+            return
+        self.capture = capture
 
     def _start_components(self, config: HostAgentConfig, identity: SandboxIdentity) -> None:
         from host_agent.runs.service import AgentRuns
@@ -140,7 +215,16 @@ class Daemon:
     def _stop_components(self) -> dict[str, float]:
         """Stop each component; returns how long each took (seconds), which the stop log reports."""
         took: dict[str, float] = {}
-        for name, component in (("control", self.control), ("gate", self.gatekeeper), ("outbox", self.outbox)):
+        if self._observability_thread is not None:
+            self._observability_thread.join(timeout=10)
+        components = (
+            ("control", self.control),
+            ("capture", self.capture),
+            ("gate", self.gatekeeper),
+            ("outbox", self.outbox),
+            ("telemetry", self.observability),  # last: it exports what the others reported while stopping
+        )
+        for name, component in components:
             if component is not None:
                 started = time.monotonic()
                 component.stop()
@@ -154,12 +238,22 @@ class Daemon:
                 self.gatekeeper.tick()
             except Exception:
                 log.exception("gate housekeeping failed")
+        if self.capture is not None:
+            try:
+                self.capture.tick()
+            except Exception:
+                log.exception("TLS capture housekeeping failed")
         if self.runs is None:
             return
         try:
             self.runs.reconcile()
         except Exception:
             log.exception("reconciling runs failed")
+        if self.observability is not None:
+            try:
+                self.observability.report_finished_runs(self.runs.root)
+            except Exception:
+                log.exception("reporting finished runs failed")
 
     def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control operations; read-only queries need no daemon and are answered from files by the CLI."""
@@ -177,7 +271,19 @@ class Daemon:
             return {"ok": True, "run_id": run.run_id, "run_dir": str(run.path)}
         if operation == "health":
             return {"ok": True, **self.health()}
-        raise ValueError(f"unknown operation {operation!r}: run, cancel or health")
+        if operation == "flush-telemetry":
+            return {"ok": True, **self.flush_telemetry()}
+        raise ValueError(f"unknown operation {operation!r}: run, cancel, health or flush-telemetry")
+
+    def flush_telemetry(self) -> dict[str, Any]:
+        """Export and ship everything recorded so far, finished runs included (what `km otel` asks first)."""
+        if self._observability_thread is not None:
+            self._observability_thread.join(timeout=10)
+        if self.observability is None:
+            raise RuntimeError(f"telemetry is not running: {self.observability_error or 'still starting'}")
+        if self.runs is not None:
+            self.observability.report_finished_runs(self.runs.root)
+        return self.observability.flush()
 
     def health(self) -> dict[str, Any]:
         assert self.config is not None
@@ -188,10 +294,24 @@ class Daemon:
             "active_runs": active,
             "outbox": self.outbox.stats() if self.outbox is not None else {"error": self.outbox_error},
             "gate": self.gatekeeper.status() if self.gatekeeper is not None else None,
+            "capture": self._capture_status(),
+            "telemetry": (
+                self.observability.status()
+                if self.observability is not None
+                else {"error": self.observability_error or "starting", "buffered_dropped": self.events.dropped}
+            ),
         }
+
+    def _capture_status(self) -> dict[str, Any]:
+        if self.capture is not None:
+            return self.capture.status()
+        if self.capture_error is not None:
+            return {"enabled": True, "error": self.capture_error}
+        return {"enabled": False}
 
     def _reload(self) -> None:
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        previous = self.config
         try:
             self.config = load_config(self.paths.config)
         except (OSError, ValueError) as error:  # ValueError: ValidationError, undecodable bytes
@@ -202,6 +322,11 @@ class Daemon:
                 self.runs.config = self.config
             if self.gatekeeper is not None:
                 self.gatekeeper.reload(self.config)
+            if previous is None or previous.observability.tls_capture != self.config.observability.tls_capture:
+                if self.capture is not None:  # probes and payload size are fixed at load: start again
+                    self.capture.stop()
+                self.capture = self.capture_error = None
+                self._start_capture(self.config)
             log.info("reloaded", extra={"fields": {"profile": self.config.profile}})
         notify("READY=1")
 

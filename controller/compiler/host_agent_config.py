@@ -21,6 +21,7 @@ from host_agent.config import (
     TLSCapturePolicy,
 )
 from host_agent.dnsnames import normalise_dns_name
+from host_agent.paths import OTLP_RECEIVER_PORT
 
 
 def bedrock_env(profile: SandboxProfile) -> dict[str, str]:
@@ -29,6 +30,29 @@ def bedrock_env(profile: SandboxProfile) -> dict[str, str]:
         return {}
     region = profile.spec.runtime.region
     return {"CLAUDE_CODE_USE_BEDROCK": "1", "AWS_REGION": region, "AWS_DEFAULT_REGION": region}
+
+
+def claude_telemetry_env(profile: SandboxProfile) -> dict[str, str]:
+    """Claude Code's own OpenTelemetry export, pointed at the host agent's loopback receiver.
+
+    Claude Code carries its own TLS stack, which libssl uprobes cannot see: its telemetry is how its
+    prompts, API requests and tool decisions reach the operator. Short export intervals, because a run
+    can end within the SDK's default minute.
+    """
+    telemetry = profile.spec.observability.claude_telemetry
+    if not telemetry.enabled:
+        return {}
+    return {
+        "CLAUDE_CODE_ENABLE_TELEMETRY": "1",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_LOGS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{OTLP_RECEIVER_PORT}",
+        "OTEL_METRIC_EXPORT_INTERVAL": "10000",
+        "OTEL_LOGS_EXPORT_INTERVAL": "5000",
+        "OTEL_LOG_USER_PROMPTS": "1" if telemetry.log_prompts else "0",
+        "OTEL_LOG_TOOL_DETAILS": "1" if telemetry.log_tool_details else "0",
+    }
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -53,7 +77,7 @@ def host_agent_config(profile: SandboxProfile) -> HostAgentConfig:
         execution=ExecutionPolicy(
             working_dir=spec.execution.working_dir,
             shell=spec.execution.shell,
-            env=dict(spec.execution.env),
+            env={**claude_telemetry_env(profile), **spec.execution.env},  # the profile's own settings win
             bedrock_env={k: v for k, v in bedrock_env(profile).items() if k not in spec.execution.env},
             default_agent=spec.cli.agent,
             agent_args={

@@ -200,7 +200,15 @@ def warnings_for(profile: SandboxProfile) -> list[Finding]:
                 severity="warning",
             )
         )
-    for index, library in enumerate(spec.observability.tls_capture.libraries):
+    capture = spec.observability.tls_capture
+    if capture.enabled and "openssl" not in capture.libraries:
+        found.append(
+            Finding(
+                _at("observability", "tlsCapture", "libraries"),
+                "openssl is required: it is the only library capture hooks today; add it to the list",
+            )
+        )
+    for index, library in enumerate(capture.libraries):
         if library != "openssl":
             found.append(
                 Finding(

@@ -190,7 +190,9 @@ class TLSCapture(ProfileModel):
     enabled: bool = Field(False, description="Capture TLS plaintext with uprobes (costs ~20 µs per SSL call).")
     libraries: list[TLSLibrary] = Field(default_factory=_openssl_only, description="TLS libraries to hook.")
     capture_payloads: bool = Field(False, description="Record the first bytes of plaintext, not only metadata.")
-    max_payload_bytes: int = Field(4096, ge=1, le=65536, description="Bytes of plaintext kept per event.")
+    max_payload_bytes: int = Field(
+        4096, ge=1, le=4096, description="Bytes of plaintext kept per SSL call (the kernel copies at most 4096)."
+    )
 
 
 class Observability(ProfileModel):

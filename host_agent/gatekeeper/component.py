@@ -33,6 +33,7 @@ from host_agent.paths import STATE_DIR
 
 if TYPE_CHECKING:  # imported when a proxy mode needs it: asyncio and the forwarder cost ~80 ms of start-up
     from host_agent.gatekeeper.proxy import L7Proxy, ProxyDecision
+    from host_agent.telemetry.buffered import BufferedEvents
 
 log = logging.getLogger("km-host-agent.gate")
 EXEMPT_CGROUPS = ("system.slice", "init.scope")
@@ -99,8 +100,10 @@ class Gatekeeper:
         learn_report: Path = LEARN_REPORT,
         pin_dir: Path | None = PIN_DIR,
         policy_record: Path = POLICY_RECORD,
+        events: BufferedEvents | None = None,
     ):
         self.config = config
+        self.events = events  # telemetry: DNS answers and denials, when the daemon has it
         self.identity = identity
         self.cgroup_root = cgroup_root
         self.learn_report = learn_report
@@ -286,9 +289,15 @@ class Gatekeeper:
     # ---- audit and learn mode ---------------------------------------------------------------------
     def _on_query(self, record: QueryRecord) -> None:
         allowed = self.policy.allows(record.name)
+        denied = not allowed and record.rcode == "NXDOMAIN" and not record.allowed
         if not allowed:
-            message = "dns denied" if record.rcode == "NXDOMAIN" and not record.allowed else "dns would be denied"
+            message = "dns denied" if denied else "dns would be denied"
             log.warning(message, extra={"fields": {"name": record.name, "qtype": record.qtype}})
+        if self.events is not None:
+            decision = "allowed" if allowed else "denied" if denied else "would_deny"
+            self.events.dns(
+                name=record.name, qtype=record.qtype, decision=decision, rcode=record.rcode, addresses=record.addresses
+            )
         if self.config.egress.mode == "log":
             with self._lock:
                 entry = self.learned.setdefault(f"dns:{record.name}", {"kind": "dns", "name": record.name, "count": 0})
@@ -334,6 +343,15 @@ class Gatekeeper:
                     log.warning(
                         "egress denied" if event.verdict == "deny" else "egress would be denied", extra={"fields": fields}
                     )
+                    if self.events is not None:
+                        self.events.gate(
+                            decision="denied" if event.verdict == "deny" else "would_deny",
+                            address=event.address,
+                            port=event.port,
+                            protocol=event.proto,
+                            pid=event.pid,
+                            process=event.comm,
+                        )
                 if self.config.egress.mode == "log":
                     with self._lock:
                         key = f"connect:{event.proto}:{event.address}:{event.port}"

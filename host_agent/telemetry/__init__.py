@@ -3,40 +3,44 @@
 `sandbox_resource()` names the sandbox; `Telemetry(resource, spool=Spool(dir))` (or `endpoint=`/`headers=` for an
 operator's collector) gives the daemon a tracer, a meter and a logger; `OtlpReceiver(sandbox_attributes(...),
 spool.write_request)` takes Claude Code's own export. Spool files are OTLP/JSON, read back with
-`request_from_json`.
+`request_from_json`. `component.Observability` wires them into the daemon.
+
+The names below are imported on first use: the SDK and protobuf take a third of a second to import, and
+the daemon's fast paths (and `buffered`) must not pay for them.
 """
 
-from host_agent.telemetry.otlp_json import SIGNALS, OtlpDecodeError, OtlpRequest, Signal, request_from_json, request_to_json
-from host_agent.telemetry.pipeline import ExportCounts, Telemetry, TelemetryError
-from host_agent.telemetry.receiver import OtlpReceiver, ReceiverStats
-from host_agent.telemetry.resource import sandbox_attributes, sandbox_resource
-from host_agent.telemetry.spool import (
-    Spool,
-    SpoolError,
-    SpoolLogExporter,
-    SpoolMetricExporter,
-    SpoolSpanExporter,
-    SpoolStats,
-)
+from __future__ import annotations
 
-__all__ = [
-    "SIGNALS",
-    "ExportCounts",
-    "OtlpDecodeError",
-    "OtlpReceiver",
-    "OtlpRequest",
-    "ReceiverStats",
-    "Signal",
-    "Spool",
-    "SpoolError",
-    "SpoolLogExporter",
-    "SpoolMetricExporter",
-    "SpoolSpanExporter",
-    "SpoolStats",
-    "Telemetry",
-    "TelemetryError",
-    "request_from_json",
-    "request_to_json",
-    "sandbox_attributes",
-    "sandbox_resource",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "SIGNALS": "otlp_json",
+    "OtlpDecodeError": "otlp_json",
+    "OtlpRequest": "otlp_json",
+    "Signal": "otlp_json",
+    "request_from_json": "otlp_json",
+    "request_to_json": "otlp_json",
+    "ExportCounts": "pipeline",
+    "Telemetry": "pipeline",
+    "TelemetryError": "pipeline",
+    "OtlpReceiver": "receiver",
+    "ReceiverStats": "receiver",
+    "sandbox_attributes": "resource",
+    "sandbox_resource": "resource",
+    "Spool": "spool",
+    "SpoolError": "spool",
+    "SpoolLogExporter": "spool",
+    "SpoolMetricExporter": "spool",
+    "SpoolSpanExporter": "spool",
+    "SpoolStats": "spool",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

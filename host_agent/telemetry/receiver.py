@@ -23,6 +23,7 @@ from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
+from host_agent.paths import OTLP_RECEIVER_PORT
 from host_agent.telemetry.otlp_json import (
     RESPONSE_TYPES,
     SIGNALS,
@@ -35,7 +36,7 @@ from host_agent.telemetry.otlp_json import (
 
 log = logging.getLogger("km-host-agent.telemetry.receiver")
 
-DEFAULT_PORT = 4318  # the OTLP/HTTP default, so agents need only OTEL_EXPORTER_OTLP_ENDPOINT
+DEFAULT_PORT = OTLP_RECEIVER_PORT  # the OTLP/HTTP default, so agents need only OTEL_EXPORTER_OTLP_ENDPOINT
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"

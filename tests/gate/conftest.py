@@ -322,3 +322,49 @@ def wait_for_events(
 
 def wait_for_event(gate: EgressGate, matches: Callable[[GateEvent], bool], timeout: float = 3) -> GateEvent:
     return wait_for_events(gate, matches, 1, timeout)[0]
+
+
+# ---- a TLS server on loopback, for the capture tests --------------------------------------------------
+
+
+def in_cgroup(cgroup: Path, *command: str) -> list[str]:
+    """A command that moves itself into `cgroup` before it starts (the shell execs it, same pid)."""
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *command]
+
+
+def start_server(certificate: tuple[Path, Path], alpn: str | None = None) -> tuple[subprocess.Popen[str], int]:
+    command = [sys.executable, str(HERE / "tls_server.py"), str(certificate[0]), str(certificate[1])]
+    server = subprocess.Popen([*command, *([alpn] if alpn else [])], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    ready = server.stdout.readline().split()
+    assert ready[:1] == ["ready"], ready
+    return server, int(ready[1])
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def port(certificate: tuple[Path, Path]) -> Iterator[int]:
+    """The HTTP/1.1 TLS server's port on 127.0.0.1."""
+    server, listening = start_server(certificate)
+    try:
+        yield listening
+    finally:
+        stop(server)

@@ -37,7 +37,7 @@ from ebpf.tls_capture import (
     uprobe_multi_supported,
 )
 from tests.conftest import REPO_ROOT
-from tests.gate.conftest import GateCgroup, cgroup2_mount
+from tests.gate.conftest import GateCgroup, cgroup2_mount, in_cgroup, start_server, stop
 
 HERE = Path(__file__).resolve().parent
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
@@ -268,49 +268,6 @@ class Client:
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
-
-
-def in_cgroup(cgroup: Path, *command: str) -> list[str]:
-    """A command that moves itself into `cgroup` before it starts (the shell execs it, same pid)."""
-    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *command]
-
-
-def start_server(certificate: tuple[Path, Path], alpn: str | None = None) -> tuple[subprocess.Popen[str], int]:
-    command = [sys.executable, str(HERE / "tls_server.py"), str(certificate[0]), str(certificate[1])]
-    server = subprocess.Popen([*command, *([alpn] if alpn else [])], stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
-    ready = server.stdout.readline().split()
-    assert ready[:1] == ["ready"], ready
-    return server, int(ready[1])
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.kill()
-    process.wait()
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        + ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"]
-        + ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
-@pytest.fixture(scope="module")
-def port(certificate: tuple[Path, Path]) -> Iterator[int]:
-    """The HTTP/1.1 TLS server's port on 127.0.0.1."""
-    server, listening = start_server(certificate)
-    try:
-        yield listening
-    finally:
-        stop(server)
 
 
 @pytest.fixture

@@ -38,6 +38,9 @@ SANDBOX_ARTIFACTS_DIR = "/var/lib/km/artifacts"
 HOST_AGENT_COMMAND = "/usr/local/bin/km-host-agent"
 # IP[:PORT] a local sandbox's resolver forwards allowed queries to (default: the host's resolver).
 DNS_UPSTREAM_ENV = "KM_LOCAL_DNS_UPSTREAM"
+# The operator's OTLP collector (endpoint, headers), passed to each sandbox created; default: none, and
+# telemetry goes to the artifacts store.
+OTLP_ENV = ("KM_OTLP_ENDPOINT", "KM_OTLP_HEADERS")
 BOOT_TIMEOUT_SECONDS = 120
 INIT_COMMANDS_TIMEOUT_SECONDS = 1800
 
@@ -213,12 +216,13 @@ class LocalSubstrate:
     def _binds(self, record: SandboxRecord) -> list[tuple[Path, str]]:
         """Volumes, and the sandbox's own corner of the artifacts store (it sees no other sandbox's)."""
         binds = [(volume.host_dir, volume.mount_point) for volume in self._volumes(record)]
-        runs = self.agent_runs_dir(record)
-        binds.append((runs, f"{SANDBOX_ARTIFACTS_DIR}/agent-runs/{record.sandbox_id}"))
+        binds.append((self.agent_runs_dir(record), f"{SANDBOX_ARTIFACTS_DIR}/agent-runs/{record.sandbox_id}"))
+        binds.append((self.telemetry_dir(record), f"{SANDBOX_ARTIFACTS_DIR}/telemetry/{record.sandbox_id}"))
         return binds
 
     def _prepare_volumes(self, record: SandboxRecord) -> None:
         self.agent_runs_dir(record).mkdir(parents=True, exist_ok=True)
+        self.telemetry_dir(record).mkdir(parents=True, exist_ok=True)
         for volume in self._volumes(record):
             volume.host_dir.mkdir(parents=True, exist_ok=True)
             if volume.image_file is None or machine.is_mountpoint(volume.host_dir):
@@ -253,6 +257,12 @@ class LocalSubstrate:
         if upstream := os.environ.get(DNS_UPSTREAM_ENV):
             identity["KM_DNS_UPSTREAM"] = upstream
         (etc_km / "sandbox.env").write_text("".join(f"{key}={value}\n" for key, value in identity.items()))
+        collector = {name: os.environ[name] for name in OTLP_ENV if os.environ.get(name)}
+        if collector:  # root only: the headers usually carry the collector's API key
+            telemetry_env = etc_km / "telemetry.env"
+            telemetry_env.touch(mode=0o600)
+            telemetry_env.chmod(0o600)
+            telemetry_env.write_text("".join(f"{key}={value}\n" for key, value in collector.items()))
         (spec.rootfs / "etc/hostname").write_text(f"{spec.hostname}\n")
         hosts = spec.rootfs / "etc/hosts"
         hosts.write_text(f"127.0.0.1 localhost\n127.0.1.1 {spec.hostname}\n::1 localhost ip6-localhost ip6-loopback\n")
@@ -391,6 +401,10 @@ class LocalSubstrate:
     def agent_runs_dir(self, record: SandboxRecord) -> Path:
         """Where this sandbox's outbox uploads its runs on the host: `<artifacts>/agent-runs/<sandbox>/`."""
         return self.artifacts / "agent-runs" / record.sandbox_id
+
+    def telemetry_dir(self, record: SandboxRecord) -> Path:
+        """Where its host agent uploads telemetry on the host: `<artifacts>/telemetry/<sandbox>/<signal>/`."""
+        return self.artifacts / "telemetry" / record.sandbox_id
 
 
 def _remove_in_background(directory: Path) -> None:

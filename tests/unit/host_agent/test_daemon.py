@@ -92,6 +92,7 @@ def _sandbox_paths(directory: Path) -> list[str]:
     return [
         "--identity", str(identity), "--control-socket", str(runtime / "control.sock"),
         "--tmux-socket", str(runtime / "tmux.sock"), "--state-dir", str(directory / "state"),
+        "--otlp-port", "0", "--telemetry-env", str(directory / "telemetry.env"),
     ]  # fmt: skip
 
 
@@ -365,7 +366,7 @@ def test_sigterm_and_sigint_stop_it_cleanly(
     stopped = agent.wait_for_log("stopped")
     took = stopped.pop("stop_seconds")
     assert stopped == {"level": "info", "message": "stopped", "profile": "goose", "logger": "km-host-agent"}
-    assert set(took) <= {"control", "gate", "outbox"} and all(seconds >= 0 for seconds in took.values())
+    assert set(took) <= {"control", "capture", "gate", "outbox", "telemetry"} and all(seconds >= 0 for seconds in took.values())
     assert agent.stderr() == ""
 
 

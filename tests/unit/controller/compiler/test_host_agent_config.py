@@ -133,7 +133,38 @@ def test_bedrock_env_only_with_use_bedrock(tmp_path: Path, use_bedrock: bool) ->
     else:
         assert execution.bedrock_env == {}
     # The profile's own environment is never mixed into the Bedrock one, nor the other way round.
-    assert execution.env == {"GOOSE_PROVIDER": "aws_bedrock", "GOOSE_MODEL": "us.anthropic.claude-opus-4-6-v1"}
+    assert {k: v for k, v in execution.env.items() if not k.startswith(("OTEL_", "CLAUDE_CODE_ENABLE"))} == {
+        "GOOSE_PROVIDER": "aws_bedrock",
+        "GOOSE_MODEL": "us.anthropic.claude-opus-4-6-v1",
+    }
+    assert not set(execution.env) & set(execution.bedrock_env)
+
+
+@pytest.mark.parametrize(("prompts", "tools"), [(False, False), (True, False), (False, True)])
+def test_claude_telemetry_exports_to_the_host_agents_receiver(tmp_path: Path, prompts: bool, tools: bool) -> None:
+    def edit(spec: dict[str, Any]) -> None:
+        spec["observability"]["claudeTelemetry"] = {"enabled": True, "logPrompts": prompts, "logToolDetails": tools}
+
+    env = host_agent_config(goose_variant(tmp_path, edit)).execution.env
+    assert env["CLAUDE_CODE_ENABLE_TELEMETRY"] == "1"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4318"
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert (env["OTEL_LOGS_EXPORTER"], env["OTEL_METRICS_EXPORTER"]) == ("otlp", "otlp")
+    assert (env["OTEL_LOG_USER_PROMPTS"], env["OTEL_LOG_TOOL_DETAILS"]) == (str(int(prompts)), str(int(tools)))
+
+
+def test_claude_telemetry_off_sets_nothing_and_the_profile_env_wins(tmp_path: Path) -> None:
+    def disabled(spec: dict[str, Any]) -> None:
+        spec["observability"]["claudeTelemetry"] = {"enabled": False}
+
+    def overridden(spec: dict[str, Any]) -> None:
+        spec["execution"]["env"]["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://collector.example.test:4318"
+
+    assert not any(
+        k.startswith(("OTEL_", "CLAUDE_CODE_ENABLE")) for k in host_agent_config(goose_variant(tmp_path, disabled)).execution.env
+    )
+    env = host_agent_config(goose_variant(tmp_path / "b", overridden)).execution.env
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector.example.test:4318"
 
 
 def test_profile_env_wins_and_is_not_duplicated_into_bedrock_env(tmp_path: Path) -> None:

@@ -125,3 +125,20 @@ def test_warnings_do_not_make_a_profile_invalid(goose_data: dict[str, Any], vali
     warnings = {f.dotted_path: f.message for f in report.warnings}
     assert "egress by name is open" in warnings["spec.network.egress.allowedDNSSuffixes"]
     assert "gnutls capture is not supported yet" in warnings["spec.observability.tlsCapture.libraries[1]"]
+
+
+def test_capture_without_openssl_is_refused(goose_data: dict[str, Any], validate_text: ValidateText) -> None:
+    set_path(goose_data, "spec.observability.tlsCapture", {"enabled": True, "libraries": ["go", "rustls"]})
+    report = validate_text(goose_data)
+    assert not report.valid
+    errors = {f.dotted_path: f.message for f in report.errors}
+    assert "openssl is required" in errors["spec.observability.tlsCapture.libraries"]
+    warnings = {f.dotted_path: f.message for f in report.warnings}
+    assert "go capture is not supported yet" in warnings["spec.observability.tlsCapture.libraries[0]"]
+
+
+def test_payloads_beyond_what_the_kernel_copies_are_refused(goose_data: dict[str, Any], validate_text: ValidateText) -> None:
+    set_path(goose_data, "spec.observability.tlsCapture", {"enabled": True, "capturePayloads": True, "maxPayloadBytes": 8192})
+    report = validate_text(goose_data)
+    assert not report.valid
+    assert [f.dotted_path for f in report.errors] == ["spec.observability.tlsCapture.maxPayloadBytes"]

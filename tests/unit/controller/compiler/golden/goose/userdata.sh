@@ -33,6 +33,15 @@ km_write_file /etc/profile.d/km-profile-env.sh 0644 root:root <<'KM_EOF'
 export CLAUDE_CODE_USE_BEDROCK=1
 export AWS_REGION=us-east-1
 export AWS_DEFAULT_REGION=us-east-1
+export CLAUDE_CODE_ENABLE_TELEMETRY=1
+export OTEL_METRICS_EXPORTER=otlp
+export OTEL_LOGS_EXPORTER=otlp
+export OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
+export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318
+export OTEL_METRIC_EXPORT_INTERVAL=10000
+export OTEL_LOGS_EXPORT_INTERVAL=5000
+export OTEL_LOG_USER_PROMPTS=1
+export OTEL_LOG_TOOL_DETAILS=1
 export GOOSE_PROVIDER=aws_bedrock
 export GOOSE_MODEL=us.anthropic.claude-opus-4-6-v1
 KM_EOF
@@ -158,8 +167,17 @@ km_write_file /etc/km/host-agent.json 0644 root:root <<'KM_EOF'
     },
     "default_agent": "claude",
     "env": {
+      "CLAUDE_CODE_ENABLE_TELEMETRY": "1",
       "GOOSE_MODEL": "us.anthropic.claude-opus-4-6-v1",
-      "GOOSE_PROVIDER": "aws_bedrock"
+      "GOOSE_PROVIDER": "aws_bedrock",
+      "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+      "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+      "OTEL_LOGS_EXPORTER": "otlp",
+      "OTEL_LOGS_EXPORT_INTERVAL": "5000",
+      "OTEL_LOG_TOOL_DETAILS": "1",
+      "OTEL_LOG_USER_PROMPTS": "1",
+      "OTEL_METRICS_EXPORTER": "otlp",
+      "OTEL_METRIC_EXPORT_INTERVAL": "10000"
     },
     "no_bedrock_default": false,
     "shell": "/bin/bash",
@@ -226,7 +244,8 @@ StateDirectory=km-host-agent
 StateDirectoryMode=0700
 # Only what the daemon uses: BPF programs and maps, uprobes, network policy, sandbox processes and
 # their files. Without CAP_SYS_ADMIN it cannot open the host's BPF objects by id (measured).
-CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
+# CAP_SYS_PTRACE: reading the agent's /proc/<pid>/maps and exe, to find the TLS libraries it uses.
+CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE
 
 [Install]
 WantedBy=multi-user.target

@@ -1,0 +1,1 @@
+"""TLS plaintext capture inside the sandbox (the BPF side is ebpf/tls_capture)."""
