@@ -103,6 +103,13 @@ struct {
     __type(value, __u8);
 } targets SEC(".maps");
 
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 64);
+    __type(key, __u64); /* cgroup id */
+    __type(value, __u8);
+} exempt SEC(".maps");
+
 /* LRU: a thread killed inside SSL_write never reaches the return probe, and its entry must not stay. */
 struct {
     __uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -137,20 +144,25 @@ static __always_inline void count(__u32 slot) {
         *value += 1; /* per-CPU slot: no atomics needed */
 }
 
-/* Targeted when the task's own cgroup or any ancestor is in the targets map. */
+/* Targeted when the task's own cgroup or an ancestor is in `targets` and none of them is in `exempt`:
+ * a sandbox targets its machine's root and exempts the machine's own services, so the agent's
+ * cgroups are captured from the moment they exist, however often they are recreated. */
 static __always_inline int task_is_target(void) {
     __u64 id = bpf_get_current_cgroup_id();
-    if (bpf_map_lookup_elem(&targets, &id))
-        return 1;
+    if (bpf_map_lookup_elem(&exempt, &id))
+        return 0;
+    int targeted = bpf_map_lookup_elem(&targets, &id) != 0;
 #pragma unroll
     for (int level = 0; level < TLS_MAX_ANCESTOR_LEVELS; level++) {
         id = bpf_get_current_ancestor_cgroup_id(level);
         if (id == 0) /* deeper than the task's own cgroup */
             break;
+        if (bpf_map_lookup_elem(&exempt, &id))
+            return 0;
         if (bpf_map_lookup_elem(&targets, &id))
-            return 1;
+            targeted = 1;
     }
-    return 0;
+    return targeted;
 }
 
 static __always_inline int on_entry(struct pt_regs *ctx, __u32 direction, int has_count_out) {

@@ -357,7 +357,7 @@ class TlsCapture:
         self._clock_offset_ns = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         self._events: list[TlsEvent] = []
         try:
-            self._maps = {name: self._object.map(name) for name in ("config", "targets", "counters", "events")}
+            self._maps = {name: self._object.map(name) for name in ("config", "targets", "exempt", "counters", "events")}
             self._programs = {name: self._object.program(name) for name in names}
             config = _CONFIG.pack(payload_bytes, 0, kernel_dev(pidns[0]) if pidns else 0, pidns[1] if pidns else 0)
             self._maps["config"].update(struct.pack("=I", 0), config)
@@ -388,25 +388,30 @@ class TlsCapture:
 
     # ---- targets --------------------------------------------------------------------------------------
     def add_target(self, cgroup_dir: Path) -> None:
-        """Capture the tasks in this cgroup v2 directory and below it."""
-        self._edit_targets(cgroup_dir, add=True)
+        """Capture the tasks in this cgroup v2 directory and below it (except under an exempt one)."""
+        self._edit("targets", cgroup_dir, add=True)
 
     def remove_target(self, cgroup_dir: Path) -> bool:
         """Stop capturing there; False when it was not a target, or the directory is gone (then nothing
         runs there any more, and its id is never given to another cgroup)."""
-        return self._edit_targets(cgroup_dir, add=False)
+        return self._edit("targets", cgroup_dir, add=False)
 
-    def _edit_targets(self, cgroup_dir: Path, *, add: bool) -> bool:
+    def add_exempt(self, cgroup_dir: Path) -> None:
+        """Never capture the tasks in this cgroup or below it, even under a target (a machine's services)."""
+        self._edit("exempt", cgroup_dir, add=True)
+
+    def _edit(self, map_name: str, cgroup_dir: Path, *, add: bool) -> bool:
+        what = "capture target" if map_name == "targets" else "capture exemption"
         try:
             key = struct.pack("=Q", cgroup_id(cgroup_dir))
             if add:
-                self._maps["targets"].update(key, b"\x01")
+                self._maps[map_name].update(key, b"\x01")
                 return True
-            return self._maps["targets"].delete(key)
+            return self._maps[map_name].delete(key)
         except OSError as exc:
             if not add and exc.errno == errno.ENOENT:
                 return False
-            raise TlsCaptureError(f"{'adding' if add else 'removing'} capture target {cgroup_dir}: {exc}") from exc
+            raise TlsCaptureError(f"{'adding' if add else 'removing'} {what} {cgroup_dir}: {exc}") from exc
 
     # ---- libraries ------------------------------------------------------------------------------------
     def attach_library(self, path: Path) -> bool:

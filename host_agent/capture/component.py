@@ -1,8 +1,9 @@
 """The daemon's TLS capture: probes on every libssl the agent's processes use, events to telemetry.
 
-The kernel filter targets the agent slice (everything the agent and `km shell` run in), never the
-machine's own services, so the daemon's uploads are not captured. A restarted slice is a new cgroup
-with a new id, so each tick checks the target is still the slice that exists.
+The kernel filter targets the machine's cgroup root and exempts its own services (system.slice and
+init.scope, as the egress gate does): the agent slice, where runs and `km shell` go, is captured from
+the moment systemd creates it, however often it is recreated, while the daemon's uploads and root's
+shells are not.
 
 Libraries: the system's libssl files are probed at start, so a short-lived `curl` is seen from its
 first call; each tick then looks at the agent's processes for libssl files elsewhere (a bundled copy),
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("km-host-agent.capture")
 
-AGENT_SLICE = "kmagent.slice"
+EXEMPT_CGROUPS = ("system.slice", "init.scope")  # the machine's own services
 PARSE_WINDOW_BYTES = 512  # what the kernel copies for HTTP naming when payloads are not exported
 SYSTEM_LIBSSL_PATTERNS = ("/usr/lib/*-linux-gnu/libssl.so*", "/usr/lib64/libssl.so*", "/usr/lib/libssl.so*")
 UNSUPPORTED_LIBRARIES = {
@@ -62,10 +63,13 @@ def system_libraries(patterns: tuple[str, ...] = SYSTEM_LIBSSL_PATTERNS) -> list
     return list(found.values())
 
 
-def cgroup_pids(directory: Path) -> set[int]:
-    """Every process in a cgroup v2 directory and below it; a directory removed meanwhile has none."""
+def cgroup_pids(directory: Path, exclude: tuple[str, ...] = ()) -> set[int]:
+    """Every process in a cgroup v2 directory and below it, except under the `exclude` children of the
+    directory itself; a directory removed meanwhile has none."""
     pids: set[int] = set()
-    for parent, _, files in os.walk(directory):
+    for parent, children, files in os.walk(directory):
+        if parent == str(directory):
+            children[:] = [child for child in children if child not in exclude]
         if "cgroup.procs" in files:
             try:
                 pids.update(int(line) for line in Path(parent, "cgroup.procs").read_text().split())
@@ -77,12 +81,11 @@ def cgroup_pids(directory: Path) -> set[int]:
 class TlsCaptureComponent:
     def __init__(self, policy: TLSCapturePolicy, cgroup_root: Path, events: BufferedEvents) -> None:
         self.policy = policy
-        self.slice = cgroup_root / AGENT_SLICE
+        self.cgroup_root = cgroup_root
         self.events = events
         self.capture: TlsCapture | None = None
         self.unobserved: dict[str, dict[str, Any]] = {}  # by executable path
         self.unsupported = [UNSUPPORTED_LIBRARIES[name] for name in policy.libraries if name in UNSUPPORTED_LIBRARIES]
-        self._target_id: int | None = None
         self._scanner = ExecutableScanner()
         self._not_libssl: set[tuple[int, int]] = set()  # executables known to export no OpenSSL
         self._stopping = threading.Event()
@@ -100,7 +103,15 @@ class TlsCaptureComponent:
             raise CaptureError(str(error)) from error
         for library in system_libraries():
             self._attach(library)
-        self._retarget()
+        try:
+            self.capture.add_target(self.cgroup_root)
+            for name in EXEMPT_CGROUPS:
+                if (self.cgroup_root / name).is_dir():
+                    self.capture.add_exempt(self.cgroup_root / name)
+        except TlsCaptureError as error:
+            self.capture.close()
+            self.capture = None
+            raise CaptureError(str(error)) from error
         self._reader = threading.Thread(target=self._read_events, name="tls-capture", daemon=True)
         self._reader.start()
         for message in self.unsupported:
@@ -111,7 +122,8 @@ class TlsCaptureComponent:
             "TLS capture started",
             extra={
                 "fields": {
-                    "target": str(self.slice),
+                    "target": str(self.cgroup_root),
+                    "exempt": list(EXEMPT_CGROUPS),
                     "libraries": [str(path) for path in self.capture.libraries()],
                     "payload_bytes": window if self.policy.capture_payloads else 0,
                 }
@@ -127,11 +139,10 @@ class TlsCaptureComponent:
             self.capture = None
 
     def tick(self) -> None:
-        """Follow the slice and the agent's processes: new libraries get probes, blind spots get reported."""
+        """Look at the agent's processes: new libraries get probes, blind spots get reported."""
         if self.capture is None:
             return
-        self._retarget()
-        pids = cgroup_pids(self.slice)
+        pids = cgroup_pids(self.cgroup_root, exclude=EXEMPT_CGROUPS)
         from ebpf.tls_capture import libraries_in_use
 
         for library in libraries_in_use(pids):
@@ -143,7 +154,8 @@ class TlsCaptureComponent:
         capture = self.capture
         return {
             "enabled": True,
-            "target": str(self.slice),
+            "target": str(self.cgroup_root),
+            "exempt": list(EXEMPT_CGROUPS),
             "libraries": [str(path) for path in capture.libraries()] if capture else [],
             "counters": capture.counters() if capture else {},
             "payloads": self.policy.capture_payloads,
@@ -162,20 +174,6 @@ class TlsCaptureComponent:
                 log.info("TLS capture probes attached", extra={"fields": {"library": str(library)}})
         except TlsCaptureError as error:
             log.warning("cannot probe a TLS library", extra={"fields": {"library": str(library), "error": str(error)}})
-
-    def _retarget(self) -> None:
-        """Point the kernel filter at the slice as it exists now (it is recreated when restarted)."""
-        from ebpf.kernel_ids import cgroup_id
-
-        assert self.capture is not None
-        try:
-            current = cgroup_id(self.slice)
-        except OSError:
-            return  # not there yet: the agent slice starts with the first run or shell
-        if current == self._target_id:
-            return
-        self.capture.add_target(self.slice)
-        self._target_id = current
 
     def _look_at_process(self, pid: int) -> None:
         """Probe an executable that exports OpenSSL itself; report one whose TLS cannot be seen."""

@@ -34,6 +34,8 @@ from host_agent.telemetry.spool import Spool, SpoolLogExporter, SpoolMetricExpor
 log = logging.getLogger("km-host-agent.telemetry")
 
 INSTRUMENTATION_SCOPE = "km-host-agent"
+LOG_QUEUE_RECORDS = 32_768
+LOG_BATCH_RECORDS = 4_096
 _Result = TypeVar("_Result")
 
 
@@ -104,7 +106,16 @@ class Telemetry:
         )
         self._meter_provider = MeterProvider(resource=resource, metric_readers=[reader], shutdown_on_exit=False)
         self._logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
-        self._logger_provider.add_log_record_processor(BatchLogRecordProcessor(_GuardedLogExporter(log_exporter, self)))
+        # A burst of TLS events (a download is thousands of SSL_read calls) must not overflow the SDK's
+        # default 2048-record queue, which drops silently but for a log line.
+        self._logger_provider.add_log_record_processor(
+            BatchLogRecordProcessor(
+                _GuardedLogExporter(log_exporter, self),
+                max_queue_size=LOG_QUEUE_RECORDS,
+                max_export_batch_size=LOG_BATCH_RECORDS,
+                schedule_delay_millis=1000,
+            )
+        )
 
         self.tracer: Tracer = self._tracer_provider.get_tracer(INSTRUMENTATION_SCOPE)
         self.meter: Meter = self._meter_provider.get_meter(INSTRUMENTATION_SCOPE)

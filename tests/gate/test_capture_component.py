@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from host_agent.capture.component import AGENT_SLICE, TlsCaptureComponent, cgroup_pids, system_libraries
+from host_agent.capture.component import TlsCaptureComponent, cgroup_pids, system_libraries
 from host_agent.config import TLSCapturePolicy
 from host_agent.telemetry.buffered import BufferedEvents
 from tests.gate.conftest import GateCgroup, cgroup2_mount, in_cgroup
 
 root = pytest.mark.root
+AGENT_SLICE = "kmagent.slice"
 LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
 needs_libssl = pytest.mark.skipif(not LIBSSL.exists(), reason=f"needs OpenSSL 3 at {LIBSSL}")
 
@@ -38,9 +39,10 @@ class Recorder:
 
 @pytest.fixture
 def machine(request: pytest.FixtureRequest) -> Iterator[GateCgroup]:
-    """Stands in for a sandbox's cgroup root, with its agent slice."""
+    """Stands in for a sandbox's cgroup root, with its agent slice and its own services."""
     made = GateCgroup(cgroup2_mount() / f"kmcap-test-{os.getpid()}-{request.node.name[:40]}")
     made.sub(AGENT_SLICE)
+    made.sub("system.slice", "km-host-agent.service")
     try:
         yield made
     finally:
@@ -101,7 +103,8 @@ def test_agent_traffic_is_reported_with_peer_and_http_but_no_plaintext(
     assert capture.status()["libraries"], "the system libssl is probed from the start"
 
     curl(machine.path / AGENT_SLICE, port, "/v1/messages?token=hunter2")
-    curl(None, port, "/outside-the-slice")  # the host's own traffic: never reported
+    curl(None, port, "/outside-the-machine")  # the host's own traffic: never reported
+    curl(machine.path / "system.slice" / "km-host-agent.service", port, "/from-the-daemon")  # the machine's services
 
     writes = wait_for(recorder, "tls", lambda found: any(e["direction"] == "write" for e in found))
     [write] = [event for event in writes if event["direction"] == "write"]
@@ -109,7 +112,8 @@ def test_agent_traffic_is_reported_with_peer_and_http_but_no_plaintext(
     assert write["http"] == {"protocol": "http/1.1", "method": "GET", "path": "/v1/messages", "host": f"127.0.0.1:{port}"}
     reads = wait_for(recorder, "tls", lambda found: any(e["direction"] == "read" and e["http"] for e in found))
     assert any(event["http"] and event["http"].get("status") == 200 for event in reads)
-    assert all("outside" not in str(event["http"]) for event in recorder.of("tls"))
+    seen = str(recorder.of("tls"))
+    assert "outside" not in seen and "from-the-daemon" not in seen
     assert capture.status()["counters"]["lost"] == 0
 
 
@@ -129,15 +133,16 @@ def test_payloads_when_the_profile_asks(component: MakeComponent, machine: GateC
 
 @root
 @needs_libssl
-def test_a_restarted_slice_is_followed(component: MakeComponent, machine: GateCgroup, port: int) -> None:
-    capture, recorder = component()
+def test_a_slice_made_after_the_capture_started_is_captured_at_once(
+    component: MakeComponent, machine: GateCgroup, port: int
+) -> None:
+    _, recorder = component()
     (machine.path / AGENT_SLICE).rmdir()
-    machine.sub(AGENT_SLICE)  # a new cgroup with a new id, as when systemd restarts the slice
+    machine.sub(AGENT_SLICE)  # a new cgroup with a new id, as when systemd (re)starts the slice
 
-    capture.tick()
-    curl(machine.path / AGENT_SLICE, port, "/after-restart")
+    curl(machine.path / AGENT_SLICE, port, "/right-away")  # no tick in between
 
-    wait_for(recorder, "tls", lambda found: any(e["http"] and e["http"].get("path") == "/after-restart" for e in found))
+    wait_for(recorder, "tls", lambda found: any(e["http"] and e["http"].get("path") == "/right-away" for e in found))
 
 
 @root
