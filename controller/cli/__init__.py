@@ -8,6 +8,7 @@ import click
 
 from controller.cli.agent_commands import agent_group
 from controller.cli.compile_command import compile_command
+from controller.cli.otel_commands import otel_command
 from controller.cli.profile_commands import profile_group, validate_command
 from controller.cli.sandbox_commands import SANDBOX_COMMANDS, destroy_command, resume_command
 from host_agent.version import __version__
@@ -23,6 +24,7 @@ cli.add_command(validate_command)
 cli.add_command(profile_group)
 cli.add_command(compile_command)
 cli.add_command(agent_group)
+cli.add_command(otel_command)
 for command in SANDBOX_COMMANDS:
     cli.add_command(command)
 cli.add_command(destroy_command, name="kill")
