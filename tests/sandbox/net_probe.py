@@ -6,6 +6,7 @@ net_probe connect IP PORT       → `ok`, or `errno <n>`
 net_probe http HOST             → the response body, or `errno <n>` / `gaierror <code>`
 net_probe http-as IP HOST       → `<status> <body>` of a request to IP that names HOST in its Host header
 net_probe https HOST [SNI]      → `<status> <body>` over TLS to HOST:443 sending SNI (default HOST); `closed`
+net_probe https-get HOST PATH   → `<status> <body>` of GET PATH over TLS to HOST:443
 net_probe udp IP PORT           → `ok` (sent and echoed), `sent` (no reply), or `errno <n>`
 net_probe dns SERVER NAME [tcp] → `rcode <n> <addresses…>` from that server, or `errno <n>`
 """
@@ -17,9 +18,9 @@ import struct
 import sys
 
 
-def http_exchange(connection: socket.socket, host: str) -> str:
-    """`<status> <body>` of one GET / naming `host`, or `closed` when the peer hung up without a reply."""
-    connection.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+def http_exchange(connection: socket.socket, host: str, path: str = "/") -> str:
+    """`<status> <body>` of one GET naming `host`, or `closed` when the peer hung up without a reply."""
+    connection.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
     response = connection.makefile("rb").read().decode(errors="replace")
     if not response:
         return "closed"
@@ -73,15 +74,16 @@ def main(args: list[str]) -> str:
         if operation == "http-as":
             with socket.create_connection((args[1], 80), timeout=5) as connection:
                 return http_exchange(connection, args[2])
-        if operation == "https":
+        if operation in ("https", "https-get"):
             context = ssl.create_default_context()
             context.check_hostname = False  # the world's certificate is self-signed; the SNI is what matters
             context.verify_mode = ssl.CERT_NONE
-            server_name = args[2] if len(args) > 2 else args[1]
+            server_name = args[2] if operation == "https" and len(args) > 2 else args[1]
+            path = args[2] if operation == "https-get" else "/"
             with socket.create_connection((args[1], 443), timeout=5) as raw:
                 try:
                     with context.wrap_socket(raw, server_hostname=server_name) as connection:
-                        return http_exchange(connection, server_name)
+                        return http_exchange(connection, server_name, path)
                 except (ssl.SSLError, ConnectionResetError, ssl.SSLEOFError):
                     return "closed"
         if operation == "udp":
