@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything km needs on a Debian/Ubuntu machine:
-# apt packages (root only), BCC kernel headers, tracefs, the .venv with km
-# installed editable plus test extras, and Debian's BCC bindings in the venv.
+# apt packages (root only), the .venv with km installed editable plus test
+# extras, and the compiled BPF objects (clang + libbpf, no BCC).
 #
 # Usage: bash scripts/setup.sh          (any cwd; PYTHON=... to pick the interpreter)
 # Safe to re-run; a run with nothing to do takes about a second.
@@ -9,9 +9,6 @@ set -euo pipefail
 
 # System packages km needs (Debian/Ubuntu names). Append new ones here.
 APT_PACKAGES=(
-    python3-bpfcc   # BCC Python bindings (pure Python, ctypes into libbcc)
-    libbpfcc        # libbcc.so.0
-    bpfcc-tools     # BCC tools (execsnoop, opensnoop, ...) for debugging
     bpftool         # inspect loaded BPF programs and maps
     clang-14        # compiles the egress gate's BPF object (ebpf/objects.py)
     libbpf-dev      # bpf_helpers.h for that compile
@@ -25,14 +22,6 @@ APT_PACKAGES=(
     tmux            # agent runs are supervised in tmux sessions
     openssl curl binutils  # TLS capture tests: certificates, clients, libssl's symbol table
 )
-if command -v dpkg >/dev/null 2>&1; then
-    # Kernel headers BCC compiles against: Debian's per-architecture meta package, Ubuntu's generic one.
-    if grep -qs '^ID=ubuntu' /etc/os-release; then
-        APT_PACKAGES+=(linux-headers-generic)
-    else
-        APT_PACKAGES+=("linux-headers-$(dpkg --print-architecture)")
-    fi
-fi
 
 MIN_PYTHON="3.11"
 VENV=".venv"
@@ -83,58 +72,7 @@ else
     fi
 fi
 
-# 4. BCC kernel headers and tracefs (root only).
-KR="$(uname -r)"
-MODDIR="/lib/modules/$KR"
-
-setup_kernel_headers() {
-    if [[ -e "$MODDIR/build/include/linux/kconfig.h" || -e "$MODDIR/source/include/linux/kconfig.h" ]]; then
-        log "kernel headers for $KR present"
-        return 0
-    fi
-    # Debian splits headers into linux-headers-<ver>-<arch> (generated/, .config)
-    # and linux-headers-<ver>-common (include/, arch/); BCC needs both links.
-    local arch build common link
-    arch="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
-    build="$(printf '%s\n' /usr/src/linux-headers-*-"$arch" | sort -V | tail -n 1)"
-    if [[ ! -d "$build" ]]; then
-        warn "no kernel headers for $KR and none in /usr/src/linux-headers-*-$arch; BCC programs will not compile"
-        return 0
-    fi
-    common="${build%-"$arch"}-common"
-    if [[ ! -e "$common/include/linux/kconfig.h" ]]; then
-        warn "$common/include/linux/kconfig.h missing; not linking kernel headers for $KR"
-        return 0
-    fi
-    for link in "$MODDIR/build" "$MODDIR/source"; do
-        if [[ -e "$link" && ! -L "$link" ]]; then
-            warn "$link exists and is not a symlink; leaving it alone (BCC may fail to compile)"
-            return 0
-        fi
-    done
-    mkdir -p "$MODDIR"
-    ln -sfn "$build" "$MODDIR/build"
-    ln -sfn "$common" "$MODDIR/source"
-    log "linked kernel headers for $KR: build -> $build, source -> $common"
-}
-
-setup_tracefs() {
-    if awk '$2 == "/sys/kernel/tracing" && $3 == "tracefs" { found = 1 } END { exit !found }' /proc/mounts; then
-        return 0
-    fi
-    if mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; then
-        log "mounted tracefs at /sys/kernel/tracing"
-    else
-        warn "could not mount tracefs at /sys/kernel/tracing; kprobes/tracepoints may not work"
-    fi
-}
-
-if ((IS_ROOT)); then
-    setup_kernel_headers
-    setup_tracefs
-fi
-
-# 5. venv with km installed editable (+ test extras).
+# 4. venv with km installed editable (+ test extras).
 venv_ok() {
     [[ -x "$VENV/bin/python" && -x "$VENV/bin/pip" ]] &&
         "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
@@ -161,29 +99,7 @@ else
     printf '%s\n' "$want_stamp" >"$STAMP"
 fi
 
-# 6. Debian's BCC bindings into the venv (only the bcc package).
-BCC_SRC=/usr/lib/python3/dist-packages/bcc
-bcc_status="not available (python3-bpfcc not installed)"
-if [[ -d "$BCC_SRC" ]]; then
-    purelib="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    if [[ "$(readlink "$purelib/bcc" 2>/dev/null || true)" != "$BCC_SRC" ]]; then
-        ln -sfn "$BCC_SRC" "$purelib/bcc"
-        log "linked $BCC_SRC into $VENV"
-    fi
-    bcc_status="linked (not verified: needs root)"
-    if ((IS_ROOT)); then
-        log "checking that BCC can compile and load a BPF program"
-        if ! bcc_out="$("$VENV/bin/python" -c 'from bcc import BPF; BPF(text="int f(void *c){return 0;}")' 2>&1)"; then
-            printf '%s\n' "$bcc_out" >&2
-            die "BCC cannot compile/load a BPF program (output above). Check: kernel headers at $MODDIR/build and $MODDIR/source (both need include/linux/kconfig.h; install linux-headers-\$(dpkg --print-architecture) or linux-headers-$KR), tracefs at /sys/kernel/tracing, and that this root has CAP_SYS_ADMIN/CAP_BPF (not an unprivileged container)."
-        fi
-        bcc_status="ok (compiled and loaded a test program)"
-    fi
-elif ((IS_ROOT)); then
-    die "$BCC_SRC missing although python3-bpfcc should be installed; try: apt-get install --reinstall python3-bpfcc"
-fi
-
-# 7. The BPF objects (compiled once; the daemon and the tests load them with libbpf).
+# 5. The BPF objects (compiled once; the daemon and the tests load them with libbpf).
 if objects_out="$("$VENV/bin/python" -m ebpf.objects 2>&1)"; then
     objects_status="built ($(echo "$objects_out" | tr '\n' ' '))"
 else
@@ -194,11 +110,10 @@ else
     objects_status="not built (needs clang-14 and libbpf-dev; root installs them)"
 fi
 
-# 8. Summary.
+# 6. Summary.
 log "ready in $ROOT:"
 log "  python: $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])') ($VENV)"
 log "  tools:  $VENV/bin/km, $VENV/bin/doit, $VENV/bin/pytest"
-log "  bcc:    $bcc_status"
 log "  bpf:    $objects_status"
 ((IS_ROOT)) || log "  not root: root-only tests (BPF, nspawn, netns) will be skipped"
 log "run the tests with: $VENV/bin/pytest"

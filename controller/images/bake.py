@@ -1,5 +1,5 @@
-"""Bake a local image from a recipe: debootstrap (or the parent image), packages, files, trust, BCC
-headers, the host agent, units. Up to date when an image with the recipe's hash is in the store.
+"""Bake a local image from a recipe: debootstrap (or the parent image), packages, files, trust,
+the BPF objects and the host agent, units. Up to date when an image with the recipe's hash is in the store.
 
 Every step logs to `bake.log` in the partial directory; a failure removes the partial directory and
 keeps its log as `<store>/.failed-<image>.log`, named in the error.
@@ -25,7 +25,6 @@ from host_agent.version import __version__
 Progress = Callable[[str], None]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-KERNEL_HEADERS_DIR = "/opt/bcc-kheaders"
 HOST_AGENT_VENV = "/opt/km/venv"
 _PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
@@ -53,7 +52,6 @@ def bake(
             "km_version": __version__,
             "parent": parent_image.name if parent_image else None,
             "packages": list(recipe.recipe.spec.packages),
-            "kernel_headers_for": os.uname().release if recipe.recipe.spec.bcc_kernel_headers else None,
         }
         image = store.commit(partial, recipe.image_name, metadata)
     except BaseException:
@@ -101,9 +99,6 @@ def _build(recipe: LoadedRecipe, parent: Image | None, rootfs: Path, log_file: P
     if spec.trust_host_ca and HOST_CA_BUNDLE.is_file():
         progress(f"bake {name}: trusting the host's CA bundle")
         _trust_host_ca(rootfs, log_file)
-    if spec.bcc_kernel_headers:
-        progress(f"bake {name}: kernel headers for BCC")
-        _install_kernel_headers(rootfs, log_file)
     if spec.host_agent:
         progress(f"bake {name}: installing km-host-agent")
         _install_host_agent(rootfs, log_file)
@@ -117,34 +112,6 @@ def _trust_host_ca(rootfs: Path, log_file: Path) -> None:
     for index, block in enumerate(_PEM_BLOCK.findall(HOST_CA_BUNDLE.read_text(encoding="utf-8", errors="replace"))):
         (target / f"host-{index:04d}.crt").write_text(block + "\n", encoding="utf-8")
     run_in_chroot(rootfs, "update-ca-certificates >/dev/null", "trusting the host CA bundle", log_file)
-
-
-def _install_kernel_headers(rootfs: Path, log_file: Path) -> None:
-    """Debian's 6.1 headers, unpacked into one tree (without the kernel image the meta package drags in).
-
-    BCC compiles against them for the running kernel through BCC_KERNEL_SOURCE (set in the host agent's
-    unit) and through /lib/modules/<release>/{build,source} links for the kernel baked on.
-    """
-    release = shlex.quote(os.uname().release)
-    script = f"""
-apt-get update -q
-amd64=$(apt-cache depends linux-headers-amd64 | awk '/Depends: linux-headers-/ {{print $2; exit}}')
-common=$(apt-cache depends "$amd64" | awk '/Depends: linux-headers-.*-common/ {{print $2; exit}}')
-work=$(mktemp -d)
-cd "$work"
-apt-get download -q "$amd64" "$common"
-for deb in *.deb; do dpkg-deb -x "$deb" unpacked; done
-rm -rf {KERNEL_HEADERS_DIR}
-mkdir -p {KERNEL_HEADERS_DIR}
-cp -a unpacked/usr/src/"$common"/. {KERNEL_HEADERS_DIR}/
-cp -af unpacked/usr/src/"$amd64"/. {KERNEL_HEADERS_DIR}/
-cd / && rm -rf "$work" && apt-get clean
-mkdir -p /lib/modules/{release}
-ln -sfn {KERNEL_HEADERS_DIR} /lib/modules/{release}/build
-ln -sfn {KERNEL_HEADERS_DIR} /lib/modules/{release}/source
-test -f {KERNEL_HEADERS_DIR}/include/linux/kconfig.h
-"""
-    run_in_chroot(rootfs, script, "installing kernel headers for BCC", log_file)
 
 
 def build_bpf_objects() -> None:
@@ -177,9 +144,6 @@ python3 -m venv --system-site-packages {HOST_AGENT_VENV}
 ln -sfn {HOST_AGENT_VENV}/bin/km-host-agent /usr/local/bin/km-host-agent
 units=$(echo {HOST_AGENT_VENV}/lib/python3*/site-packages/host_agent/systemd)
 install -m 0644 $units/*.service $units/*.mount /etc/systemd/system/
-dropins=/etc/systemd/system/km-host-agent.service.d
-mkdir -p $dropins
-printf '[Service]\\nEnvironment=BCC_KERNEL_SOURCE={KERNEL_HEADERS_DIR}\\n' > $dropins/10-bcc.conf
 systemctl enable km-host-agent.service
 km-host-agent --version
 rm -rf /tmp/km-wheels

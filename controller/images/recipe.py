@@ -55,7 +55,6 @@ class RecipeSpec(_RecipeModel):
     files: list[ImageFile] = Field(default_factory=list, description="Files to copy into the image.")
     units: list[str] = Field(default_factory=list, description="systemd units to enable.")
     trust_host_ca: bool = Field(True, alias="trustHostCA", description="Add the host's CA bundle to the image's trust.")
-    bcc_kernel_headers: bool = Field(False, description="Kernel headers so BCC compiles for the running kernel.")
     host_agent: bool = Field(False, description="Install km-host-agent and its unit.")
 
 
