@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from host_agent.capture.coalesce import Coalescer, TlsReport
 from host_agent.capture.unobservable import ExecutableScanner, reason_from_libraries
 from host_agent.config import TLSCapturePolicy
 from host_agent.telemetry.buffered import BufferedEvents
@@ -215,26 +216,29 @@ class TlsCaptureComponent:
         self.events.tls_unobserved(pid=pid, process=process, exe=str(executable), reason=reason)
 
     def _read_events(self) -> None:
+        coalescer = Coalescer()
         while not self._stopping.is_set():
             capture = self.capture
             if capture is None:
-                return
+                break
             try:
-                captured = capture.poll(200)
+                captured = capture.poll(100)
             except Exception:  # the reader must never take the daemon down
                 log.exception("reading TLS capture events failed")
                 time.sleep(1)
                 continue
             for event in captured:
-                self._report(event)
+                self._send(coalescer.add(self._report(event), event.connection))
+            self._send(coalescer.due(time.time()))
+        self._send(coalescer.drain())
 
-    def _report(self, event: TlsEvent) -> None:
+    def _report(self, event: TlsEvent) -> TlsReport:
         from ebpf.tls_capture import describe_http
 
         http = describe_http(event.payload) if event.payload else None
         if http is not None and not self.policy.capture_payloads and isinstance(http.get("path"), str):
             http = {**http, "path": str(http["path"]).split("?", 1)[0]}
-        self.events.tls(
+        return TlsReport(
             time=event.time,
             pid=event.pid,
             process=event.comm,
@@ -244,6 +248,20 @@ class TlsCaptureComponent:
             http=http,
             payload=event.payload if self.policy.capture_payloads else None,
         )
+
+    def _send(self, reports: list[TlsReport]) -> None:
+        for report in reports:
+            self.events.tls(
+                time=report.time,
+                pid=report.pid,
+                process=report.process,
+                direction=report.direction,
+                size=report.size,
+                peer=report.peer,
+                http=report.http,
+                payload=report.payload,
+                calls=report.calls,
+            )
 
 
 def _same_file(path: Path, identity: os.stat_result) -> bool:

@@ -57,9 +57,19 @@ class BufferedEvents:
         peer: tuple[str, int] | None,
         http: Mapping[str, str | int] | None,
         payload: bytes | None,
+        calls: int = 1,
     ) -> None:
         self._report(
-            "tls", time=time, pid=pid, process=process, direction=direction, size=size, peer=peer, http=http, payload=payload
+            "tls",
+            time=time,
+            pid=pid,
+            process=process,
+            direction=direction,
+            size=size,
+            peer=peer,
+            http=http,
+            payload=payload,
+            calls=calls,
         )
 
     def tls_unobserved(self, *, pid: int, process: str, exe: str, reason: str) -> None:

@@ -11,6 +11,7 @@ counted and logged. Share one `Spool` per directory: temp names and sequence num
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from host_agent.telemetry.log_json import logs_json
 from host_agent.telemetry.otlp_json import SIGNALS, OtlpRequest, Signal, request_to_json
 
 log = logging.getLogger("km-host-agent.telemetry")
@@ -100,6 +102,12 @@ class Spool:
         Raises OSError when the disk refuses the write; exporters turn that into a failed export.
         """
         return [self._write_file(signal, payload) for payload in self._payloads(signal, request)]
+
+    def write_payload(self, signal: Signal, payload: bytes) -> Path:
+        """Write OTLP/JSON already encoded (and within `max_file_bytes`) as one file."""
+        if len(payload) > self.max_file_bytes:
+            raise SpoolError(f"a {len(payload)}-byte payload is larger than a spool file may be ({self.max_file_bytes})")
+        return self._write_file(signal, payload)
 
     def files(self, signal: Signal) -> list[Path]:
         """A signal's complete files, oldest first."""
@@ -281,9 +289,16 @@ class SpoolLogExporter(LogRecordExporter):
         self._spool = spool
 
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        if not batch or _write(self._spool, "logs", encode_logs(batch)):
+        if not batch:
             return LogRecordExportResult.SUCCESS
-        return LogRecordExportResult.FAILURE
+        # The direct encoder is ten times cheaper; a batch too big for one file takes the protobuf
+        # path, which knows how to split it.
+        payload = json.dumps(logs_json(batch), separators=(",", ":")).encode()
+        if len(payload) <= self._spool.max_file_bytes:
+            written = _write_payload(self._spool, "logs", payload)
+        else:
+            written = _write(self._spool, "logs", encode_logs(batch))
+        return LogRecordExportResult.SUCCESS if written else LogRecordExportResult.FAILURE
 
     def shutdown(self) -> None:
         """Nothing to release: every export is already on disk."""
@@ -295,6 +310,15 @@ class SpoolLogExporter(LogRecordExporter):
 def _write(spool: Spool, signal: Signal, request: OtlpRequest) -> bool:
     try:
         spool.write_request(signal, request)
+    except OSError as error:
+        log.error("telemetry spool could not write %s to %s: %s", signal, spool.root, error)
+        return False
+    return True
+
+
+def _write_payload(spool: Spool, signal: Signal, payload: bytes) -> bool:
+    try:
+        spool.write_payload(signal, payload)
     except OSError as error:
         log.error("telemetry spool could not write %s to %s: %s", signal, spool.root, error)
         return False

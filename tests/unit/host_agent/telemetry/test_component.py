@@ -122,7 +122,12 @@ def test_events_and_an_agents_own_telemetry_reach_the_artifacts_store(tmp_path: 
     by_name = {record["event.name"]: (resource, record) for resource, record in events}
     assert set(by_name) == {"dns", "gate", "tls", "user_prompt"}
     resource, dns = by_name["dns"]
-    assert resource == {"service.name": "km-host-agent", "km.sandbox.id": SANDBOX, "km.profile": "goose", "cloud.region": "eu-west-1"}
+    assert resource == {
+        "service.name": "km-host-agent",
+        "km.sandbox.id": SANDBOX,
+        "km.profile": "goose",
+        "cloud.region": "eu-west-1",
+    }
     assert dns == {
         "event.name": "dns",
         "host": "api.example.test",
@@ -143,7 +148,13 @@ def test_events_and_an_agents_own_telemetry_reach_the_artifacts_store(tmp_path: 
         "process": "curl",
     }
     tls = by_name["tls"][1]
-    assert (tls["host"], tls["port"], tls["direction"], tls["bytes"], tls["http.method"]) == ("api.example.test", 443, "write", 517, "GET")
+    assert (tls["host"], tls["port"], tls["direction"], tls["bytes"], tls["http.method"]) == (
+        "api.example.test",
+        443,
+        "write",
+        517,
+        "GET",
+    )
     assert "payload" not in tls
     # The agent's record keeps its own resource but is stamped with this sandbox, whatever it claimed.
     agent_resource, prompt = by_name["user_prompt"]
@@ -255,7 +266,9 @@ def test_no_region_is_claimed_for_a_local_sandbox(tmp_path: Path) -> None:
 def test_the_collector_comes_from_a_root_only_file(tmp_path: Path) -> None:
     assert load_destination(tmp_path / "absent.env") is None
     file = tmp_path / "telemetry.env"
-    file.write_text("# the operator's collector\nKM_OTLP_ENDPOINT=https://otel.example.test:4318/\nKM_OTLP_HEADERS=x-api-key=abc%3D,team=infra\n")
+    file.write_text(
+        "# the operator's collector\nKM_OTLP_ENDPOINT=https://otel.example.test:4318/\nKM_OTLP_HEADERS=x-api-key=abc%3D,team=infra\n"
+    )
     assert load_destination(file) == Destination("https://otel.example.test:4318", {"x-api-key": "abc=", "team": "infra"})
     file.write_text("KM_OTLP_ENDPOINT=otel.example.test:4318\n")
     with pytest.raises(ValueError, match="KM_OTLP_ENDPOINT .* must be an http:// or https:// URL"):
