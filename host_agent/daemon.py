@@ -1,8 +1,8 @@
 """The daemon's main loop: load the policy, start the components, tell systemd it is ready, pet the watchdog.
 
 Components (the gatekeeper, the TLS capture, agent runs and their control socket, the outbox) start
-before READY=1, so `systemctl start` returning means the sandbox can take runs. Telemetry starts beside
-them on its own thread (its imports alone take a third of a second); what the gate and the capture
+before READY=1, so `systemctl start` returning means the sandbox can take runs. Telemetry starts just
+after, on its own thread (its imports alone take a third of a second); what the gate and the capture
 report meanwhile waits in a buffer. The loop takes signals
 synchronously (`sigtimedwait`), so there are no handlers racing it, and between signals it reconciles
 runs whose wrapper died unrecorded. The components' threads inherit the blocked signal mask.
@@ -102,10 +102,6 @@ class Daemon:
             log.error("cannot load config", extra={"fields": {"config": str(self.paths.config), "error": str(error)}})
             return 1
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)  # before any thread starts: they inherit it
-        self._observability_thread = threading.Thread(
-            target=self._start_observability, args=(self.config, self.identity), name="telemetry-start", daemon=True
-        )
-        self._observability_thread.start()
         try:
             self._start_gate(self.config, self.identity)
         except Exception as error:  # no READY without the gate: the sandbox must not run agents unguarded
@@ -115,6 +111,11 @@ class Daemon:
         self._start_components(self.config, self.identity)
         notify("READY=1", f"STATUS=enforcing profile {self.config.profile}")
         log.info("ready", extra={"fields": {"version": __version__, "profile": self.config.profile}})
+        # After READY: its imports hold the GIL for a third of a second, which would slow the start.
+        self._observability_thread = threading.Thread(
+            target=self._start_observability, args=(self.config, self.identity), name="telemetry-start", daemon=True
+        )
+        self._observability_thread.start()
         interval = min(watchdog_interval_seconds() or 5.0, RECONCILE_INTERVAL_SECONDS)
         while True:
             notify("WATCHDOG=1")
