@@ -140,6 +140,8 @@ class Observability:
                 self.shipper = TelemetryShipper(self.spool, self.upload_target, self.identity.sandbox_id)
                 self.shipper.start()
         self.events = SandboxEvents(self.telemetry)
+        budget = self.config.budget
+        self.events.watch_budget(budget.ai_max_usd, budget.compute_max_usd)
         attributes = sandbox_attributes(self.identity.sandbox_id, self.config.profile, self._region())
         self.receiver = OtlpReceiver(attributes, sink, port=self.receiver_port)
         try:
@@ -211,6 +213,7 @@ class Observability:
             return set()
 
     def _save_reported(self) -> None:
+        self._reported_file.parent.mkdir(parents=True, exist_ok=True)  # with a collector there is no spool there
         temporary = self._reported_file.with_name(f".{self._reported_file.name}.tmp")
         temporary.write_text(json.dumps(sorted(self._reported)))
         temporary.replace(self._reported_file)

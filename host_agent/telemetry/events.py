@@ -61,6 +61,21 @@ class SandboxEvents:
         with self._lock:
             self._tallies[name][tuple(sorted(labels.items()))] += amount  # type: ignore[assignment]
 
+    def watch_budget(self, ai_max_usd: float | None, compute_max_usd: float | None) -> None:
+        """Budget usage as gauges: AI spend so far (what finished runs reported) against the caps."""
+        meter = self.telemetry.meter
+
+        def spent(_options: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                return [Observation(sum(self._tallies["km.agent.cost"].values()), {"pool": "ai"})]
+
+        def limits(_options: CallbackOptions) -> Iterable[Observation]:
+            caps = {"ai": ai_max_usd, "compute": compute_max_usd}
+            return [Observation(cap, {"pool": pool}) for pool, cap in caps.items() if cap]
+
+        meter.create_observable_gauge("km.budget.spent", [spent], unit="USD", description="AI spend reported by runs")
+        meter.create_observable_gauge("km.budget.limit", [limits], unit="USD", description="The profile's spend caps")
+
     # ---- names -----------------------------------------------------------------------------------
     def host_of(self, address: str) -> str | None:
         """The DNS name last answered with this address, if the sandbox resolved it through us."""

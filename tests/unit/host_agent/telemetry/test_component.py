@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from host_agent.config import HostAgentConfig, SandboxIdentity
 from host_agent.outbox.targets import DirectoryTarget
@@ -225,11 +226,18 @@ def test_a_store_that_is_down_keeps_the_files_until_it_is_back(tmp_path: Path, o
     assert record["exe"] == "/usr/local/bin/claude"
 
 
-def test_an_operator_collector_gets_everything_with_its_headers(observability: Any) -> None:
+def test_an_operator_collector_gets_everything_with_its_headers(tmp_path: Path, observability: Any) -> None:
+    working_dir = tmp_path / "workspace"
+    write_run(
+        working_dir,
+        "20261127T100000Z-456def",
+        {"run_id": "20261127T100000Z-456def", "agent": "codex", "status": "failed", "total_cost_usd": 0.5},
+    )
     with CollectorStub() as collector:
         running = observability(destination=Destination(collector.endpoint, {"x-api-key": "key-for-test"}))
         assert running.events is not None and running.receiver is not None and running.spool is None
         running.events.gate(decision="would_deny", address="198.51.100.9", port=53, protocol="udp", pid=3, process="dig")
+        running.report_finished_runs(runs_root(working_dir))
         agent = post(running.receiver.port, "/v1/logs", claude_code_logs_request().SerializeToString(), "application/x-protobuf")
         assert agent.status == 200
         running.flush()
@@ -244,10 +252,22 @@ def test_an_operator_collector_gets_everything_with_its_headers(observability: A
             assert resource["km.sandbox.id"] == SANDBOX and resource["km.profile"] == "goose"
             names = [record_attributes(r)["event.name"] for s in resource_logs.scope_logs for r in s.log_records]
             services[resource["service.name"]] = names
-    assert services == {"km-host-agent": ["gate"], "claude-code": ["user_prompt"]}
+    assert services == {"km-host-agent": ["gate", "agent_run"], "claude-code": ["user_prompt"]}
     metrics = [ExportMetricsServiceRequest.FromString(c.body) for c in collector.requests if c.path == "/v1/metrics"]
-    names = {m.name for request in metrics for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
-    assert "km.gate.decisions" in names
+    points = {
+        (m.name, attributes_of(point.attributes).get("pool")): point.as_double or point.as_int
+        for request in metrics
+        for rm in request.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for point in (*m.sum.data_points, *m.gauge.data_points)
+    }
+    assert points[("km.gate.decisions", None)] == 1
+    assert points[("km.budget.spent", "ai")] == 0.5  # the failed run's reported spend
+    traces = [ExportTraceServiceRequest.FromString(c.body) for c in collector.requests if c.path == "/v1/traces"]
+    [span] = [span for request in traces for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
+    assert span.name == "agent_run" and attributes_of(span.attributes)["status"] == "failed"
+    assert attributes_of(traces[0].resource_spans[0].resource.attributes)["km.sandbox.id"] == SANDBOX
 
 
 def test_no_region_is_claimed_for_a_local_sandbox(tmp_path: Path) -> None:
