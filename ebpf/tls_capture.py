@@ -208,11 +208,12 @@ def libraries_in_use(pids: Iterable[int]) -> set[Path]:
                 identity = os.stat(mapped)
             except OSError:
                 continue
-            found.add(Path(path) if _is_file(Path(path), identity) else mapped)
+            found.add(Path(path) if same_file(Path(path), identity) else mapped)
     return found
 
 
-def _is_file(path: Path, identity: os.stat_result) -> bool:
+def same_file(path: Path, identity: os.stat_result) -> bool:
+    """Whether `path` is (still) the file `identity` was taken of, by device and inode."""
     try:
         found = os.stat(path)
     except OSError:

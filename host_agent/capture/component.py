@@ -178,7 +178,7 @@ class TlsCaptureComponent:
 
     def _look_at_process(self, pid: int) -> None:
         """Probe an executable that exports OpenSSL itself; report one whose TLS cannot be seen."""
-        from ebpf.tls_capture import function_offsets, ssl_mappings
+        from ebpf.tls_capture import function_offsets, same_file, ssl_mappings
 
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
@@ -199,7 +199,7 @@ class TlsCaptureComponent:
             except (OSError, ValueError, IndexError):
                 exports_openssl = False
             if exports_openssl:  # probed by its own path when that is still the same file
-                self._attach(executable if _same_file(executable, identity) else exe_path)
+                self._attach(executable if same_file(executable, identity) else exe_path)
                 return
             self._not_libssl.add(key)
         reason = reason_from_libraries(maps) or self._scanner.reason(exe_path)
@@ -262,11 +262,3 @@ class TlsCaptureComponent:
                 payload=report.payload,
                 calls=report.calls,
             )
-
-
-def _same_file(path: Path, identity: os.stat_result) -> bool:
-    try:
-        found = os.stat(path)
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (identity.st_dev, identity.st_ino)

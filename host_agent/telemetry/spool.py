@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -308,17 +308,17 @@ class SpoolLogExporter(LogRecordExporter):
 
 
 def _write(spool: Spool, signal: Signal, request: OtlpRequest) -> bool:
-    try:
-        spool.write_request(signal, request)
-    except OSError as error:
-        log.error("telemetry spool could not write %s to %s: %s", signal, spool.root, error)
-        return False
-    return True
+    return _written(spool, signal, lambda: spool.write_request(signal, request))
 
 
 def _write_payload(spool: Spool, signal: Signal, payload: bytes) -> bool:
+    return _written(spool, signal, lambda: spool.write_payload(signal, payload))
+
+
+def _written(spool: Spool, signal: Signal, write: Callable[[], object]) -> bool:
+    """Run one spool write; a disk that refuses it is logged and reported as a failed export."""
     try:
-        spool.write_payload(signal, payload)
+        write()
     except OSError as error:
         log.error("telemetry spool could not write %s to %s: %s", signal, spool.root, error)
         return False

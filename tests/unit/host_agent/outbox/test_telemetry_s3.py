@@ -10,21 +10,13 @@ from host_agent.outbox import target_for
 from host_agent.telemetry import request_from_json
 from host_agent.telemetry.component import Observability
 from tests.unit.host_agent.outbox.helpers import BUCKET, SANDBOX_ID, MotoServer
+from tests.unit.host_agent.test_config import minimal_document
 
 PREFIX = "team-a"
 
 
 def observability(tmp_path: Path) -> Observability:
-    config = HostAgentConfig.model_validate(
-        {
-            "profile": "goose",
-            "substrate": "ec2",
-            "region": "us-east-1",
-            "lifecycle": {"ttl_seconds": 0, "idle_timeout_seconds": 60, "teardown_policy": "destroy"},
-            "execution": {"working_dir": "/workspace", "shell": "/bin/bash"},
-            "egress": {"enforcement": "ebpf", "mode": "enforce"},
-        }
-    )
+    config = HostAgentConfig.model_validate({**minimal_document(), "profile": "goose", "substrate": "ec2"})
     return Observability(
         config,
         SandboxIdentity(sandbox_id=SANDBOX_ID),

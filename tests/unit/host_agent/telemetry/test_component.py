@@ -19,21 +19,13 @@ from host_agent.runs.layout import ENDED_AT, RESULT, STARTED_AT, STATUS, runs_ro
 from host_agent.telemetry import request_from_json
 from host_agent.telemetry.component import Destination, Observability, load_destination, parse_headers
 from tests.unit.host_agent.telemetry.helpers import CollectorStub, attributes_of, claude_code_logs_request, post
+from tests.unit.host_agent.test_config import minimal_document
 
 SANDBOX = "sb-telemetry1"
 
 
 def config(substrate: str = "ec2") -> HostAgentConfig:
-    return HostAgentConfig.model_validate(
-        {
-            "profile": "goose",
-            "substrate": substrate,
-            "region": "eu-west-1",
-            "lifecycle": {"ttl_seconds": 0, "idle_timeout_seconds": 60, "teardown_policy": "destroy"},
-            "execution": {"working_dir": "/workspace", "shell": "/bin/bash"},
-            "egress": {"enforcement": "ebpf", "mode": "enforce"},
-        }
-    )
+    return HostAgentConfig.model_validate({**minimal_document(), "profile": "goose", "substrate": substrate})
 
 
 def logged_events(files: list[Path]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
