@@ -8,6 +8,7 @@ import click
 
 from controller.cli.agent_commands import agent_group
 from controller.cli.compile_command import compile_command
+from controller.cli.init_command import init_command
 from controller.cli.otel_commands import otel_command
 from controller.cli.profile_commands import profile_group, validate_command
 from controller.cli.sandbox_commands import SANDBOX_COMMANDS, destroy_command, resume_command
@@ -25,6 +26,7 @@ cli.add_command(profile_group)
 cli.add_command(compile_command)
 cli.add_command(agent_group)
 cli.add_command(otel_command)
+cli.add_command(init_command)
 for command in SANDBOX_COMMANDS:
     cli.add_command(command)
 cli.add_command(destroy_command, name="kill")
