@@ -76,13 +76,13 @@ def names_for(config: OperatorConfig) -> Names:
 
 def plan(config: OperatorConfig) -> list[SharedResource]:
     """Every shared resource and whether it exists; nothing is changed."""
+    from controller.state.dynamodb import missing_tables
+
     names = names_for(config)
+    absent = missing_tables(config, names.region)
     return [
         SharedResource("s3-bucket", names.bucket, "exists" if _bucket_exists(names) else "missing"),
-        *(
-            SharedResource("dynamodb-table", table, "exists" if _table_exists(names, table) else "missing")
-            for table in _tables(names)
-        ),
+        *(SharedResource("dynamodb-table", table, "missing" if table in absent else "exists") for table in _tables(names)),
         *(SharedResource("iam-role", role, "exists" if _role_exists(role) else "missing") for role in _roles(names)),
         SharedResource("lambda-function", names.handler, "exists" if _function(names) is not None else "missing"),
     ]
@@ -90,9 +90,13 @@ def plan(config: OperatorConfig) -> list[SharedResource]:
 
 def initialise(config: OperatorConfig, progress: Progress = lambda _: None) -> list[SharedResource]:
     """Make what is missing (and bring what exists up to date); returns each resource with what was done."""
+    from controller.state.dynamodb import ensure_tables
+
     names = names_for(config)
     done = [_ensure_bucket(names, progress)]
-    done += [_ensure_table(names, table, progress) for table in _tables(names)]
+    progress("making sure the DynamoDB tables exist")
+    created = ensure_tables(config, names.region)
+    done += [SharedResource("dynamodb-table", table, "created" if table in created else "exists") for table in _tables(names)]
     done.append(_ensure_role(names.handler_role, "lambda.amazonaws.com", _handler_policy(names), progress))
     done.append(_ensure_handler(names, config, progress))
     done.append(_ensure_role(names.scheduler_role, "scheduler.amazonaws.com", _scheduler_policy(names), progress))
@@ -161,35 +165,6 @@ def _ensure_bucket(names: Names, progress: Progress) -> SharedResource:
 
 def _tables(names: Names) -> tuple[str, str]:
     return names.sandboxes_table, names.schedules_table
-
-
-def _table_exists(names: Names, table: str) -> bool:
-    try:
-        client("dynamodb", names.region).describe_table(TableName=table)
-    except Exception as error:
-        if error_code(error) == "ResourceNotFoundException":
-            return False
-        raise
-    return True
-
-
-def _ensure_table(names: Names, table: str, progress: Progress) -> SharedResource:
-    if _table_exists(names, table):
-        return SharedResource("dynamodb-table", table, "exists")
-    progress(f"creating the DynamoDB table {table}")
-    dynamodb = client("dynamodb", names.region)
-    try:
-        dynamodb.create_table(
-            TableName=table,
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-    except Exception as error:
-        if error_code(error) != "ResourceInUseException":  # another km init made it meanwhile
-            raise
-    dynamodb.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
-    return SharedResource("dynamodb-table", table, "created")
 
 
 # ---- roles and the handler ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Sandbox state: what km knows about each sandbox, in SQLite locally (DynamoDB behind the same interface)."""
+"""Sandbox state: what km knows about each sandbox, in SQLite locally and in DynamoDB for ec2, behind one interface."""
 
+from controller.state.dynamodb import DynamoDBStateStore
 from controller.state.errors import AliasTaken, SandboxNotFound, StateError
 from controller.state.ids import new_sandbox_id
 from controller.state.paths import default_state_path
@@ -9,6 +10,7 @@ from controller.state.store import StateStore
 
 __all__ = [
     "AliasTaken",
+    "DynamoDBStateStore",
     "SQLiteStateStore",
     "SandboxNotFound",
     "SandboxRecord",

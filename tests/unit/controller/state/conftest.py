@@ -29,27 +29,36 @@ def store(db_path: Path) -> Iterator[SQLiteStateStore]:
 
 
 @pytest.fixture
-def make_record() -> MakeRecord:
+def other_store(db_path: Path) -> Iterator[SQLiteStateStore]:
+    """A second store on the same file, as another km process would open it."""
+    opened = SQLiteStateStore(db_path)
+    yield opened
+    opened.close()
+
+
+def new_record(alias: str = "goose", **overrides: Any) -> SandboxRecord:
     """A minimal valid record (a fresh id each call); keyword arguments override any field."""
+    fields: dict[str, Any] = {
+        "sandbox_id": new_sandbox_id("sb"),
+        "alias": alias,
+        "profile": "goose",
+        "profile_file": None,
+        "substrate": "local",
+        "region": "local",
+        "status": "starting",
+        "plan_hash": "sha256:plan",
+        "runtime_hash": "sha256:runtime",
+        "policy_hash": "sha256:policy",
+        "created_at": CREATED,
+        "updated_at": CREATED,
+        "ttl_expiry": None,
+        "idle_timeout_seconds": None,
+        "teardown_policy": "destroy",
+    }
+    return SandboxRecord(**(fields | overrides))
 
-    def make(alias: str = "goose", **overrides: Any) -> SandboxRecord:
-        fields: dict[str, Any] = {
-            "sandbox_id": new_sandbox_id("sb"),
-            "alias": alias,
-            "profile": "goose",
-            "profile_file": None,
-            "substrate": "local",
-            "region": "local",
-            "status": "starting",
-            "plan_hash": "sha256:plan",
-            "runtime_hash": "sha256:runtime",
-            "policy_hash": "sha256:policy",
-            "created_at": CREATED,
-            "updated_at": CREATED,
-            "ttl_expiry": None,
-            "idle_timeout_seconds": None,
-            "teardown_policy": "destroy",
-        }
-        return SandboxRecord(**(fields | overrides))
 
-    return make
+@pytest.fixture
+def make_record() -> MakeRecord:
+    """`new_record`, for tests that take their record factory as a fixture."""
+    return new_record
