@@ -51,7 +51,8 @@ def plan_convergence(desired: dict[str, Any], observed: Observed) -> Convergence
     if record.substrate != desired["sandbox"]["substrate"]:
         reason = f"it runs on {record.substrate}, the plan says {desired['sandbox']['substrate']}"
         return Convergence("replace", [reason])
-    if observed.status in ("failed", "starting") or (observed.status is None and record.status in ("failed", "starting")):
+    broken = ("failed", "nocap", "starting")
+    if observed.status in broken or (observed.status is None and record.status in broken):
         return Convergence("replace", [f"the existing sandbox is {observed.status or record.status}"])
     changed = changed_fields(observed.applied_plan["profile"], desired["profile"]) if observed.applied_plan else []
     if record.runtime_hash != desired["hashes"]["runtime"]:

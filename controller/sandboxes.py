@@ -11,12 +11,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
+from controller.aws.config import config_path, load_operator_config
 from controller.compiler import compile_profile
 from controller.converge import Convergence, Observed, plan_convergence
 from controller.profile import ProfileResolver, load_profile, parse_duration
-from controller.state import SandboxRecord, SQLiteStateStore, StateStore, default_state_path
+from controller.state import SandboxNotFound, SandboxRecord, SQLiteStateStore, StateStore, default_state_path
 from controller.substrates.local.reaper import ensure_reaper
 from controller.substrates.local.substrate import LocalSubstrate, PlanInput, SubstrateError
 
@@ -37,8 +38,31 @@ class ConvergeResult:
     dry_run: bool
 
 
+if TYPE_CHECKING:  # imported when an ec2 sandbox is met: local-only commands never load the AWS code
+    from controller.substrates.ec2.substrate import Ec2Substrate
+
+Substrate: TypeAlias = "LocalSubstrate | Ec2Substrate"
+
+
 def state_store() -> StateStore:
+    """The local store (SQLite): local sandboxes, and the first place a reference is looked up."""
     return SQLiteStateStore(default_state_path())
+
+
+def state_store_for(substrate: str) -> StateStore:
+    """Where a substrate's sandboxes are recorded: SQLite for local, the account's DynamoDB table for ec2."""
+    if substrate == "ec2":
+        from controller.state.dynamodb import DynamoDBStateStore
+
+        config = load_operator_config()
+        return DynamoDBStateStore(config.table("sandboxes"), config.effective_region())
+    return state_store()
+
+
+def ec2_configured() -> bool:
+    """Whether this operator uses ec2 (a km configuration file, written by `km init`, or KM_SUBSTRATE=ec2):
+    only then do lookups and listings also ask DynamoDB, so local-only use never waits on AWS."""
+    return os.environ.get(SUBSTRATE_ENV) == "ec2" or config_path().is_file()
 
 
 def choose_substrate(requested: str | None, profile_substrate: str) -> str:
@@ -48,9 +72,11 @@ def choose_substrate(requested: str | None, profile_substrate: str) -> str:
     return chosen
 
 
-def substrate_for(name: str, store: StateStore) -> LocalSubstrate:
+def substrate_for(name: str, store: StateStore) -> Substrate:
     if name == "ec2":
-        raise SubstrateError("the ec2 substrate is not available in this version; use --substrate local (or KM_SUBSTRATE=local)")
+        from controller.substrates.ec2.substrate import Ec2Substrate
+
+        return Ec2Substrate(store)
     if os.geteuid() != 0:
         raise SubstrateError("the local substrate needs root (nspawn, network namespaces, mounts); run km as root")
     return LocalSubstrate(store)
@@ -66,9 +92,9 @@ def converge(
     progress: Progress = lambda _: None,
 ) -> ConvergeResult:
     """Make the sandbox named by `alias` (default: the profile's name) match the profile's compiled plan."""
-    store = store or state_store()
     profile, merged = load_profile(reference, ProfileResolver())
     chosen = choose_substrate(substrate, profile.spec.runtime.substrate)
+    store = store or state_store_for(chosen)
     if chosen != profile.spec.runtime.substrate:
         # Compile for where it will really run, so the plan, its hashes and host-agent.json all agree.
         runtime = profile.spec.runtime.model_copy(update={"substrate": chosen})
@@ -93,14 +119,16 @@ def converge(
         progress(convergence.describe(alias))
         local.destroy(record, force=True)
     created = local.create(plan_input, alias, str(merged.file), progress)
-    ensure_reaper()
+    if chosen == "local":
+        ensure_reaper()
     return ConvergeResult(alias, convergence, created, dry_run)
 
 
 def resume(ref: str, store: StateStore | None = None, progress: Progress = lambda _: None) -> SandboxRecord:
     record, substrate = resolve(ref, store)
     resumed = substrate.resume(record, progress)
-    ensure_reaper()
+    if record.substrate == "local":
+        ensure_reaper()
     return resumed
 
 
@@ -108,17 +136,31 @@ def execution_privileged(plan: dict[str, Any]) -> bool:
     return bool(plan["profile"]["spec"]["execution"].get("privileged"))
 
 
-def resolve(ref: str, store: StateStore | None = None) -> tuple[SandboxRecord, LocalSubstrate]:
-    store = store or state_store()
-    record = store.resolve(ref)
-    return record, substrate_for(record.substrate, store)
+def resolve(ref: str, store: StateStore | None = None) -> tuple[SandboxRecord, Substrate]:
+    """The sandbox `ref` names (id, alias or number): locally first, then in the account when ec2 is in use."""
+    if store is not None:
+        record = store.resolve(ref)
+        return record, substrate_for(record.substrate, store)
+    local = state_store()
+    try:
+        record = local.resolve(ref)
+        return record, substrate_for(record.substrate, local)
+    except SandboxNotFound:
+        if not ec2_configured():
+            raise
+    remote = state_store_for("ec2")
+    record = remote.resolve(ref)
+    return record, substrate_for("ec2", remote)
 
 
 def list_sandboxes(store: StateStore | None = None) -> list[tuple[SandboxRecord, str]]:
-    """Every sandbox with its live status."""
-    store = store or state_store()
-    local = LocalSubstrate(store)
-    return [(record, local.observe(record) if record.substrate == "local" else record.status) for record in store.list()]
+    """Every sandbox with its live status (ec2 ones with their recorded status: no API call per sandbox)."""
+    stores = [store] if store is not None else [state_store(), *([state_store_for("ec2")] if ec2_configured() else [])]
+    found: list[tuple[SandboxRecord, str]] = []
+    for each in stores:
+        local = LocalSubstrate(each)
+        found += [(record, local.observe(record) if record.substrate == "local" else record.status) for record in each.list()]
+    return found
 
 
 def extend(ref: str, duration: str, store: StateStore | None = None) -> SandboxRecord:

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from controller.agents import AgentRunError
-from controller.sandboxes import resolve, resume
+from controller.sandboxes import Substrate, resolve, resume
 from controller.state import SandboxRecord, StateError
-from controller.substrates.local.substrate import LocalSubstrate
 
 Progress = Callable[[str], None]
 TERMINAL: Final = frozenset({"complete", "failed", "cancelled"})
@@ -58,7 +57,7 @@ def read_prompt(value: str) -> str:
     return value
 
 
-def _ready_sandbox(ref: str, auto_start: bool, progress: Progress) -> tuple[SandboxRecord, LocalSubstrate]:
+def _ready_sandbox(ref: str, auto_start: bool, progress: Progress) -> tuple[SandboxRecord, Substrate]:
     record, substrate = resolve(ref)
     status = substrate.observe(record)
     if status != "running":
@@ -71,7 +70,7 @@ def _ready_sandbox(ref: str, auto_start: bool, progress: Progress) -> tuple[Sand
     return record, substrate
 
 
-def _call(substrate: LocalSubstrate, record: SandboxRecord, args: list[str], input_text: str | None = None) -> tuple[Any, int]:
+def _call(substrate: Substrate, record: SandboxRecord, args: list[str], input_text: str | None = None) -> tuple[Any, int]:
     """Run `km-host-agent ARGS` in the sandbox; its JSON and exit code (0, or 1 for a failed run)."""
     completed = substrate.host_agent_command(record, args, input_text=input_text)
     if completed.returncode not in (0, AGENT_FAILED_EXIT) or not completed.stdout.strip():
@@ -81,7 +80,7 @@ def _call(substrate: LocalSubstrate, record: SandboxRecord, args: list[str], inp
 
 
 @contextmanager
-def _keep_alive(substrate: LocalSubstrate, record: SandboxRecord) -> Iterator[None]:
+def _keep_alive(substrate: Substrate, record: SandboxRecord) -> Iterator[None]:
     """Mark the sandbox active while an operator waits on it, so the idle timeout never fires mid-wait."""
     stop = threading.Event()
 

@@ -83,3 +83,14 @@ def load_operator_config(env: Mapping[str, str] | None = None) -> OperatorConfig
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
         raise OperatorConfigError(f"km configuration ({path} and KM_* variables): {problems}") from error
+
+
+def write_config_if_missing(values: dict[str, Any], env: Mapping[str, str] | None = None) -> Path | None:
+    """Write the configuration file with `values` when there is none; returns the path written, or None."""
+    path = config_path(env)
+    if path.is_file():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# km configuration, written by `km init`; every key can be overridden by KM_<KEY> in the environment.\n"
+    path.write_text(header + yaml.safe_dump({key: value for key, value in values.items() if value is not None}, sort_keys=True))
+    return path

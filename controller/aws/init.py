@@ -3,11 +3,14 @@
 - the artifacts bucket: SSE-S3 encryption, all public access blocked, a lifecycle rule that aborts
   stale multipart uploads and expires telemetry after 90 days;
 - the DynamoDB tables (sandboxes, schedules);
+- the shared EFS file system, unless the configuration names one;
 - the teardown handler: its role, its Lambda (`controller.lifecycle.handler`, code packaged from this
   installation and replaced only when it changed), and the role EventBridge Scheduler assumes to call it.
 
 Each step looks before it makes anything, so a second run makes nothing and an interrupted run is
 finished by the next. `plan()` says what a run would make, without making it (`km init --dry-run`).
+The configuration file is written when there is none (region, prefix, the EFS id), which also tells
+later commands that this operator uses ec2.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.aws.clients import account_id, client, error_code
-from controller.aws.config import OperatorConfig
+from controller.aws.config import OperatorConfig, write_config_if_missing
+from controller.aws.efs import ensure_file_system, find_file_system
 from controller.aws.lambda_package import build_zip, code_sha256
 
 Progress = Callable[[str], None]
@@ -85,6 +89,7 @@ def plan(config: OperatorConfig) -> list[SharedResource]:
         *(SharedResource("dynamodb-table", table, "missing" if table in absent else "exists") for table in _tables(names)),
         *(SharedResource("iam-role", role, "exists" if _role_exists(role) else "missing") for role in _roles(names)),
         SharedResource("lambda-function", names.handler, "exists" if _function(names) is not None else "missing"),
+        _efs_state(names, config),
     ]
 
 
@@ -100,7 +105,24 @@ def initialise(config: OperatorConfig, progress: Progress = lambda _: None) -> l
     done.append(_ensure_role(names.handler_role, "lambda.amazonaws.com", _handler_policy(names), progress))
     done.append(_ensure_handler(names, config, progress))
     done.append(_ensure_role(names.scheduler_role, "scheduler.amazonaws.com", _scheduler_policy(names), progress))
+    efs_id = config.efs_id
+    if efs_id is None:
+        progress("making sure the shared EFS file system and its mount targets exist")
+        efs_id, made = ensure_file_system(names.region, config)
+        done.append(SharedResource("efs-file-system", efs_id, "created" if made else "exists"))
+    else:
+        done.append(SharedResource("efs-file-system", efs_id, "configured"))
+    written = write_config_if_missing({"region": names.region, "resource_prefix": config.resource_prefix, "efs_id": efs_id})
+    if written is not None:
+        progress(f"wrote the km configuration {written}")
     return done
+
+
+def _efs_state(names: Names, config: OperatorConfig) -> SharedResource:
+    if config.efs_id:
+        return SharedResource("efs-file-system", config.efs_id, "configured")
+    found = find_file_system(names.region, f"{config.resource_prefix}-efs")
+    return SharedResource("efs-file-system", found or f"{config.resource_prefix}-efs", "exists" if found else "missing")
 
 
 # ---- the bucket --------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
-SandboxStatus = Literal["starting", "running", "stopped", "paused", "failed", "destroying"]
+# nocap: the cloud had no capacity for it (ec2); kept, with the reason, until `km destroy` or a new create.
+SandboxStatus = Literal["starting", "running", "stopped", "paused", "failed", "nocap", "destroying"]
 Substrate = Literal["ec2", "local"]
 TeardownPolicy = Literal["destroy", "stop", "retain"]
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from controller.sandboxes import resolve
+from controller.sandboxes import Substrate, resolve
 from controller.state import SandboxRecord
 from controller.substrates.local.machine import MachineError
-from controller.substrates.local.substrate import LocalSubstrate, SubstrateError
+from controller.substrates.local.substrate import SubstrateError
 from controller.telemetry.events import TelemetryRead, read_telemetry
 
 FLUSH_COMMAND: Final = "flush-telemetry"
@@ -39,7 +39,7 @@ def read_sandbox_telemetry(ref: str) -> SandboxTelemetry:
     return SandboxTelemetry(directory, read_telemetry(directory), flushed)
 
 
-def request_flush(substrate: LocalSubstrate, record: SandboxRecord) -> bool:
+def request_flush(substrate: Substrate, record: SandboxRecord) -> bool:
     """Ask the host agent to export what it has buffered (`km-host-agent flush-telemetry`); True if it did.
 
     Never raises: a stopped sandbox, an older host agent without the command, or a slow one all mean

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
+
 from controller.aws.lambda_package import build_zip, code_sha256
 from tests.aws.conftest import Moto
 from tests.conftest import REPO_ROOT
@@ -33,12 +36,13 @@ def test_init_makes_the_shared_resources_once(moto: Moto) -> None:
         ("km-schedules", "missing"),
         ("km-ttl-handler", "missing"),
         ("km-ttl-scheduler", "missing"),
+        ("km-efs", "missing"),
     }
     assert moto.client("s3").list_buckets()["Buckets"] == []  # the dry run made nothing
 
     first = km_init()
 
-    assert [r["state"] for r in first] == ["created"] * 6
+    assert [r["state"] for r in first] == ["created"] * 7
     s3 = moto.client("s3")
     encryption = s3.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]["Rules"][0]
     assert encryption["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
@@ -57,9 +61,26 @@ def test_init_makes_the_shared_resources_once(moto: Moto) -> None:
     assert handler["CodeSha256"] == code_sha256(build_zip())
     assert handler["Environment"]["Variables"]["KM_SANDBOXES_TABLE"] == "km-sandboxes"
 
+    [efs] = moto.client("efs").describe_file_systems()["FileSystems"]
+    assert efs["Encrypted"] and efs["CreationToken"] == "km-efs"
+    targets = moto.client("efs").describe_mount_targets(FileSystemId=efs["FileSystemId"])["MountTargets"]
+    assert len({target["AvailabilityZoneName"] for target in targets}) == len(targets) >= 1
+
     second = km_init()
 
     assert {r["state"] for r in second} == {"exists"}
+    assert len(moto.client("efs").describe_mount_targets(FileSystemId=efs["FileSystemId"])["MountTargets"]) == len(targets)
+
+
+def test_init_writes_the_configuration_when_there_is_none(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KM_CONFIG")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+
+    made = km_init()
+
+    written = yaml.safe_load((tmp_path / "xdg" / "km" / "config.yaml").read_text())
+    efs = next(r["name"] for r in made if r["kind"] == "efs-file-system")
+    assert written == {"efs_id": efs, "region": "us-east-1", "resource_prefix": "km"}
 
 
 def test_a_configured_prefix_names_everything(moto: Moto, tmp_path: Path) -> None:
@@ -67,13 +88,9 @@ def test_a_configured_prefix_names_everything(moto: Moto, tmp_path: Path) -> Non
 
     made = km_init()
 
-    assert {r["name"] for r in made} == {
-        "team-artifacts",
-        "team-sandboxes",
-        "team-schedules",
-        "team-ttl-handler",
-        "team-ttl-scheduler",
-    }
+    named = {r["name"] for r in made if r["kind"] != "efs-file-system"}
+    assert named == {"team-artifacts", "team-sandboxes", "team-schedules", "team-ttl-handler", "team-ttl-scheduler"}
+    assert moto.client("efs").describe_file_systems()["FileSystems"][0]["CreationToken"] == "team-efs"
 
 
 def test_the_handler_package_is_the_same_bytes_for_the_same_code() -> None:
