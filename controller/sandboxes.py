@@ -167,7 +167,13 @@ def extend(ref: str, duration: str, store: StateStore | None = None) -> SandboxR
     record, substrate = resolve(ref, store)
     seconds = parse_duration(duration)
     base = max(record.ttl_expiry or datetime.now(UTC), datetime.now(UTC))
-    return substrate.store.update(record.sandbox_id, ttl_expiry=base + timedelta(seconds=seconds))
+    expiry = base + timedelta(seconds=seconds)
+    if record.substrate == "ec2":  # local TTLs are the reaper's, which reads the record
+        from controller.substrates.ec2.substrate import Ec2Substrate
+
+        assert isinstance(substrate, Ec2Substrate)
+        substrate.set_ttl(record, expiry)
+    return substrate.store.update(record.sandbox_id, ttl_expiry=expiry)
 
 
 def set_locked(ref: str, locked: bool, store: StateStore | None = None) -> SandboxRecord:

@@ -50,6 +50,11 @@ def test_goose_on_ec2_from_create_to_destroy(moto: Moto, tmp_path: Path) -> None
     listed = json.loads(km("list", "--json").stdout)
     assert [(entry["alias"], entry["id"]) for entry in listed] == [("goose", sandbox_id)]
 
+    before = schedule["ScheduleExpression"]
+    km("extend", "goose", "2h")
+    moved = moto.client("scheduler").get_schedule(Name=f"km-ttl-{sandbox_id}", GroupName="default")["ScheduleExpression"]
+    assert moved > before and len(moto.client("scheduler").list_schedules()["Schedules"]) == 1
+
     again = km("create", "goose")
     assert "up to date" in again.stdout + again.stderr
     assert tagged(moto, sandbox_id)["instances"] == [instance_id]  # nothing new was launched

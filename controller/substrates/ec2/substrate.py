@@ -114,6 +114,11 @@ class Ec2Substrate:
                 raise SubstrateError(f"create {alias} ({sandbox_id}) failed: {error}") from None
             raise
 
+    def set_ttl(self, record: SandboxRecord, expiry: datetime) -> None:
+        """Move the sandbox's TTL schedule (`km extend`); the handler ignores the old time if it fires anyway."""
+        region = record.region
+        ensure_ttl_schedule(self._prefix(record), record.sandbox_id, expiry, self._ttl_target(region, account_id(region)), region)
+
     def _with_efs(self, region: str) -> OperatorConfig:
         """The configuration, with the EFS `km init` made when none is configured."""
         if self.config.efs_id:
