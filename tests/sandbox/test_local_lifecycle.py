@@ -180,8 +180,18 @@ def test_creating_an_alias_twice_at_once_makes_one_sandbox(local_env: Path, debi
 def test_errors_without_a_sandbox_are_one_line(local_env: Path) -> None:
     missing = km("status", "no-such-sandbox", check=False)
     assert missing.returncode == 1 and "no-such-sandbox" in missing.stderr and "Traceback" not in missing.stderr
-    ec2 = km("create", "goose", "--substrate", "ec2", "--dry-run", check=False)
-    assert ec2.returncode == 1 and "--substrate local" in ec2.stderr
+    # ec2 with no AWS credentials anywhere (nor instance metadata to ask): one line that says so.
+    hidden = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    hidden |= {
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }
+    ec2 = subprocess.run(
+        [KM, "create", "goose", "--substrate", "ec2", "--dry-run"], capture_output=True, text=True, env=hidden, timeout=120
+    )
+    assert ec2.returncode == 1 and "credentials" in ec2.stderr and "Traceback" not in ec2.stderr
+    assert len(ec2.stderr.strip().splitlines()) == 1
     print(textwrap.shorten(ec2.stderr, 200))
 
 
