@@ -1,1 +1,1 @@
-"""Substrates: where sandboxes run. `local` (systemd-nspawn on this host) and, later, `ec2`."""
+"""Substrates: where sandboxes run. `local` (systemd-nspawn on this host) and `ec2` (the operator's AWS account)."""

@@ -13,7 +13,7 @@ import base64
 import json
 import os
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,14 @@ from controller.aws.config import OperatorConfig, load_operator_config
 from controller.aws.efs import find_file_system
 from controller.channel.ssm import ChannelError, SsmChannel, host_agent_script
 from controller.schedule.ttl import TtlTarget, delete_ttl_schedule, ensure_ttl_schedule
-from controller.state import SandboxRecord, StateStore, new_sandbox_id
+from controller.state import SandboxRecord, StateStore
 from controller.substrates.ec2.errors import CapacityError, Ec2Error
 from controller.substrates.ec2.instances import find_instance, start_instance, stop_instance
 from controller.substrates.ec2.provision import ensure_sandbox
 from controller.substrates.ec2.tags import SandboxRef, SandboxTags
 from controller.substrates.ec2.teardown import destroy_all
 from controller.substrates.local.substrate import PlanInput, Progress, SubstrateError
+from controller.substrates.records import starting_record
 
 CACHE_ENV = "KM_CACHE_DIR"
 _LIVE = {"pending": "running", "running": "running"}
@@ -53,31 +54,8 @@ class Ec2Substrate:
         self, compiled: PlanInput, alias: str, profile_file: str | None = None, progress: Progress = lambda _: None
     ) -> SandboxRecord:
         plan = compiled.plan
-        region = str(plan["sandbox"]["region"])
-        lifecycle = plan["hostAgent"]["lifecycle"]
-        sandbox_id = new_sandbox_id(plan["sandbox"]["prefix"])
-        now = datetime.now(UTC)
-        ttl_expiry = now + timedelta(seconds=lifecycle["ttl_seconds"]) if lifecycle["ttl_seconds"] else None
-        record = self.store.insert(
-            SandboxRecord(
-                sandbox_id=sandbox_id,
-                alias=alias,
-                profile=plan["profile"]["metadata"]["name"],
-                profile_file=profile_file,
-                substrate="ec2",
-                region=region,
-                status="starting",
-                plan_hash=plan["hash"],
-                runtime_hash=plan["hashes"]["runtime"],
-                policy_hash=plan["hashes"]["policy"],
-                created_at=now,
-                updated_at=now,
-                ttl_expiry=ttl_expiry,
-                idle_timeout_seconds=lifecycle["idle_timeout_seconds"],
-                teardown_policy=lifecycle["teardown_policy"],
-                resources={"creator_pid": str(os.getpid()), "resource_prefix": self.prefix},
-            )
-        )
+        record = self.store.insert(starting_record(plan, alias, profile_file, "ec2", {"resource_prefix": self.prefix}))
+        sandbox_id, region, ttl_expiry = record.sandbox_id, record.region, record.ttl_expiry
         progress(f"{sandbox_id}: created record for alias {alias} in {region}")
         try:
             account = account_id(region)

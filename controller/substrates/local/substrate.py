@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,12 @@ from controller.compiler.userdata import PROFILE_ENV_PATH, profile_env_script
 from controller.images.bake import bake
 from controller.images.recipe import recipe_names
 from controller.images.store import Image, ImageStore
-from controller.state import SandboxRecord, StateStore, new_sandbox_id
+from controller.state import SandboxRecord, StateStore
 from controller.substrates.local import machine
 from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.machine import MachineError, MachineSpec
 from controller.substrates.local.network import MAX_SLOTS, SandboxNetwork
+from controller.substrates.records import starting_record
 from host_agent.paths import TMUX_SOCKET
 
 Progress = Callable[[str], None]
@@ -76,29 +77,10 @@ class LocalSubstrate:
         machine.require_cgroup2()
         plan = compiled.plan
         image = self._image_for(plan["sandbox"]["ami"], progress)
-        sandbox_id = new_sandbox_id(plan["sandbox"]["prefix"])
-        lifecycle = plan["hostAgent"]["lifecycle"]
-        now = datetime.now(UTC)
         record = self.store.insert(
-            SandboxRecord(
-                sandbox_id=sandbox_id,
-                alias=alias,
-                profile=plan["profile"]["metadata"]["name"],
-                profile_file=profile_file,
-                substrate="local",
-                region=plan["sandbox"]["region"],
-                status="starting",
-                plan_hash=plan["hash"],
-                runtime_hash=plan["hashes"]["runtime"],
-                policy_hash=plan["hashes"]["policy"],
-                created_at=now,
-                updated_at=now,
-                ttl_expiry=now + timedelta(seconds=lifecycle["ttl_seconds"]) if lifecycle["ttl_seconds"] else None,
-                idle_timeout_seconds=lifecycle["idle_timeout_seconds"],
-                teardown_policy=lifecycle["teardown_policy"],
-                resources={"image": image.name, "volumes": _volume_list(plan), "creator_pid": str(os.getpid())},
-            )
+            starting_record(plan, alias, profile_file, "local", {"image": image.name, "volumes": _volume_list(plan)})
         )
+        sandbox_id = record.sandbox_id
         # The list number is unique among live sandboxes and assigned under the store's lock: use it as
         # the network slot, so concurrent creates can never pick the same addresses.
         record = self.store.update(sandbox_id, resources={**record.resources, "slot": str(self._slot_for(record))})
