@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from controller.state import SandboxRecord
 
-Action = Literal["create", "update", "replace", "none"]
+Action = Literal["create", "update", "replace", "finish", "none"]
 
 
 class SandboxBusy(Exception):
@@ -25,6 +25,9 @@ class Observed:
     record: SandboxRecord | None
     status: str | None = None  # the live status, which may differ from the record's
     applied_plan: dict[str, Any] | None = None  # the plan the sandbox was last converged to
+    # Whether the substrate can finish a create that was killed, under the same sandbox id (its resource
+    # steps are found by tag before they are made); otherwise such a sandbox is replaced.
+    finishes_interrupted: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Convergence:
             return f"{alias}: up to date"
         detail = "; ".join(self.reasons)
         fields = f" ({', '.join(self.changed_fields)})" if self.changed_fields else ""
-        verb = {"create": "create", "update": "update in place", "replace": "replace"}[self.action]
+        verb = {"create": "create", "update": "update in place", "replace": "replace", "finish": "finish"}[self.action]
         return f"{alias}: {verb}{fields}: {detail}"
 
 
@@ -51,6 +54,9 @@ def plan_convergence(desired: dict[str, Any], observed: Observed) -> Convergence
     if record.substrate != desired["sandbox"]["substrate"]:
         reason = f"it runs on {record.substrate}, the plan says {desired['sandbox']['substrate']}"
         return Convergence("replace", [reason])
+    interrupted = observed.status == "starting" or (observed.status is None and record.status == "starting")
+    if interrupted and observed.finishes_interrupted and record.plan_hash == desired["hash"]:
+        return Convergence("finish", ["an earlier create of the same plan was interrupted; finishing it"])
     broken = ("failed", "nocap", "starting")
     if observed.status in broken or (observed.status is None and record.status in broken):
         return Convergence("replace", [f"the existing sandbox is {observed.status or record.status}"])

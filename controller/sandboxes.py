@@ -104,13 +104,28 @@ def converge(
     alias = alias or profile.metadata.name
     local = substrate_for(chosen, store)
     record = store.find_by_alias(alias)
-    observed = Observed(record, local.observe(record) if record else None, local.applied_plan(record) if record else None)
+    changed = record is not None and (record.runtime_hash, record.policy_hash) != (
+        plan["hashes"]["runtime"],
+        plan["hashes"]["policy"],
+    )
+    observed = Observed(
+        record,
+        local.observe(record) if record else None,
+        local.applied_plan(record) if record and changed else None,  # only to name what changed
+        finishes_interrupted=local.finishes_interrupted,
+    )
     convergence = plan_convergence(plan, observed)
     if dry_run or convergence.action == "none":
         return ConvergeResult(alias, convergence, record, dry_run)
-    plan_input = PlanInput(plan, compiled.userdata)
+    plan_input = PlanInput(plan, compiled.userdata, compiled.policy_update)
     if execution_privileged(plan):
         progress(PRIVILEGED_WARNING)
+    if convergence.action == "finish" and record is not None:
+        from controller.substrates.ec2.substrate import Ec2Substrate
+
+        assert isinstance(local, Ec2Substrate), "only the ec2 substrate finishes interrupted creates"
+        progress(convergence.describe(alias))
+        return ConvergeResult(alias, convergence, local.finish_create(record, plan_input, progress), dry_run)
     if convergence.action == "update" and record is not None:
         return ConvergeResult(alias, convergence, local.apply_policy(record, plan_input), dry_run)
     if convergence.action == "replace" and record is not None:

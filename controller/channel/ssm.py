@@ -48,6 +48,12 @@ def host_agent_script(args: Sequence[str], input_text: str | None = None) -> str
     return f"printf %s {encoded} | base64 -d | {command}"
 
 
+def bash_script(script: str) -> str:
+    """The shell line that runs a whole bash script (whatever the document's shell is: dash on Debian)."""
+    encoded = base64.b64encode(script.encode()).decode()
+    return f"printf %s {encoded} | base64 -d | /bin/bash -s"
+
+
 class SsmChannel:
     def __init__(self, region: str, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.region = region

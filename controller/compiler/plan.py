@@ -18,7 +18,7 @@ from controller.compiler.hashing import content_hash
 from controller.compiler.host_agent_config import host_agent_config
 from controller.compiler.iam import iam_policy
 from controller.compiler.network import security_group_egress
-from controller.compiler.userdata import render_userdata
+from controller.compiler.userdata import render_policy_update, render_userdata
 from controller.compiler.volumes import plan_volumes
 from controller.profile import SandboxProfile
 from host_agent.config import HostAgentConfig
@@ -40,6 +40,9 @@ class CompiledPlan:
     userdata: str
     iam_policy: dict[str, Any]
     host_agent: HostAgentConfig
+    # What a live policy change runs inside a running sandbox (not a plan file: derived, like userdata,
+    # from the profile, and compared through the policy hash).
+    policy_update: str = ""
 
     @property
     def hash(self) -> str:
@@ -85,7 +88,7 @@ def compile_profile(profile: SandboxProfile, ami_block_device_names: Iterable[st
     live_part = {"hostAgent": body["hostAgent"], "configFiles": spec["execution"].get("configFiles", {})}
     hashes = {"runtime": content_hash(runtime_part), "policy": content_hash(live_part)}
     plan = {**body, "hash": content_hash({**body, "userdata": userdata}), "hashes": hashes}
-    return CompiledPlan(profile.metadata.name, plan, userdata, policy, config)
+    return CompiledPlan(profile.metadata.name, plan, userdata, policy, config, render_policy_update(profile, config))
 
 
 def write_plan(compiled: CompiledPlan, out_dir: Path) -> list[Path]:

@@ -35,3 +35,17 @@ def starting_record(
         teardown_policy=lifecycle["teardown_policy"],
         resources={"creator_pid": str(os.getpid()), **resources},
     )
+
+
+def policy_changes(record: SandboxRecord, plan: dict[str, Any]) -> dict[str, Any]:
+    """The record's fields after a live policy update: the new hashes and lifecycle (the TTL still counts
+    from the sandbox's creation, as when it was made with this plan)."""
+    lifecycle = plan["hostAgent"]["lifecycle"]
+    ttl = lifecycle["ttl_seconds"]
+    return {
+        "plan_hash": plan["hash"],
+        "policy_hash": plan["hashes"]["policy"],
+        "ttl_expiry": record.created_at + timedelta(seconds=ttl) if ttl else None,
+        "idle_timeout_seconds": lifecycle["idle_timeout_seconds"],
+        "teardown_policy": lifecycle["teardown_policy"],
+    }

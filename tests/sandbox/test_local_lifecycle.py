@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ spec:
     env: {GREETING: "hello 'quoted' $world"}
     configFiles:
       /home/sandbox/.config/km/settings.json: '{"a": 1}'
+      /etc/lifecycle.conf: first-version
     initCommands:
       - "echo first-boot > /var/lib/km/init-ran"
   network:
@@ -93,14 +95,29 @@ def test_create_shell_update_pause_stop_resume_lock_destroy(local_env: Path, deb
 
         # A policy change is applied live: same machine, new environment and allowlist, daemon reloaded.
         profile_file.write_text(
-            PROFILE.replace("hello 'quoted' $world", "changed").replace("[.example.com]", "[.example.com, .example.org]")
+            PROFILE.replace("hello 'quoted' $world", "changed")
+            .replace("[.example.com]", "[.example.com, .example.org]")
+            .replace('{"a": 1}', '{"a": 2}')
+            .replace("first-version", "second-version")
+            .replace('ttl: "2h"', 'ttl: "3h"')
         )
         dry = km("create", str(profile_file), "--dry-run").stdout
-        assert "would lifecycle: update in place (spec.execution.env.GREETING, spec.network.egress.allowedDNSSuffixes)" in dry
+        assert "would lifecycle: update in place (spec.execution.configFiles./etc/lifecycle.conf, " in dry, dry
+        assert "spec.execution.env.GREETING, spec.lifecycle.ttl, spec.network.egress.allowedDNSSuffixes)" in dry, dry
         km("create", str(profile_file))
         after = json.loads(km("status", "lifecycle", "--json").stdout)
         assert after["id"] == sandbox_id and after["resources"]["leader_pid"] == sandbox["resources"]["leader_pid"]
         assert shell("lifecycle", 'printf "%s" "$GREETING"').stdout == "changed"
+        # Config files are rewritten with first boot's owners: the sandbox user's home is its own, /etc is root's.
+        owned = "stat -c '%U %n' /home/sandbox/.config/km/settings.json /etc/lifecycle.conf; cat /etc/lifecycle.conf"
+        assert shell("lifecycle", owned, "--root").stdout.split("\n")[:3] == [
+            "sandbox /home/sandbox/.config/km/settings.json",
+            "root /etc/lifecycle.conf",
+            "second-version",
+        ]
+        assert shell("lifecycle", "cat ~/.config/km/settings.json").stdout == '{"a": 2}'
+        moved = datetime.fromisoformat(after["ttl_expiry"]) - datetime.fromisoformat(sandbox["ttl_expiry"])
+        assert moved == timedelta(hours=1)
         agent_config = shell("lifecycle", "cat /etc/km/host-agent.json", "--root").stdout
         assert json.loads(agent_config)["egress"]["allowed_dns_suffixes"] == ["example.com", "example.org"]
 

@@ -9,7 +9,6 @@ read files exactly as on the local substrate.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -20,18 +19,24 @@ from typing import Any
 from controller.aws.clients import account_id, client
 from controller.aws.config import OperatorConfig, load_operator_config
 from controller.aws.efs import find_file_system
-from controller.channel.ssm import ChannelError, SsmChannel, host_agent_script
+from controller.channel.ssm import ChannelError, SsmChannel, bash_script, host_agent_script
 from controller.schedule.ttl import TtlTarget, delete_ttl_schedule, ensure_ttl_schedule
 from controller.state import SandboxRecord, StateStore
-from controller.substrates.ec2.errors import CapacityError, Ec2Error
+from controller.substrates.ec2.errors import CapacityError, Ec2Error, is_aws_error
 from controller.substrates.ec2.instances import find_instance, start_instance, stop_instance
 from controller.substrates.ec2.provision import ensure_sandbox
 from controller.substrates.ec2.tags import SandboxRef, SandboxTags
 from controller.substrates.ec2.teardown import destroy_all
 from controller.substrates.local.substrate import PlanInput, Progress, SubstrateError
-from controller.substrates.records import starting_record
+from controller.substrates.records import policy_changes, starting_record
 
 CACHE_ENV = "KM_CACHE_DIR"
+
+
+def applied_plan_key(sandbox_id: str) -> str:
+    return f"artifacts/{sandbox_id}/applied-plan.json"
+
+
 _LIVE = {"pending": "running", "running": "running"}
 
 
@@ -50,13 +55,28 @@ class Ec2Substrate:
         self.prefix = self.config.resource_prefix
 
     # ---- create -------------------------------------------------------------------------------
+    finishes_interrupted = True  # every resource step is found by tag first: a killed create can go on
+
     def create(
         self, compiled: PlanInput, alias: str, profile_file: str | None = None, progress: Progress = lambda _: None
     ) -> SandboxRecord:
         plan = compiled.plan
         record = self.store.insert(starting_record(plan, alias, profile_file, "ec2", {"resource_prefix": self.prefix}))
+        progress(f"{record.sandbox_id}: created record for alias {alias} in {record.region}")
+        return self._provision(record, compiled, progress)
+
+    def finish_create(self, record: SandboxRecord, compiled: PlanInput, progress: Progress = lambda _: None) -> SandboxRecord:
+        """Go on with a create that was killed: the same sandbox id, so what it made is found and kept."""
+        claimed = self.store.update(
+            record.sandbox_id, expected_status="starting", resources={**record.resources, "creator_pid": str(os.getpid())}
+        )
+        progress(f"{record.sandbox_id}: finishing the interrupted create of {record.alias}")
+        return self._provision(claimed, compiled, progress)
+
+    def _provision(self, record: SandboxRecord, compiled: PlanInput, progress: Progress) -> SandboxRecord:
+        """Converge every resource of a `starting` record, then mark it running; on failure remove them."""
+        plan, alias = compiled.plan, record.alias
         sandbox_id, region, ttl_expiry = record.sandbox_id, record.region, record.ttl_expiry
-        progress(f"{sandbox_id}: created record for alias {alias} in {region}")
         try:
             account = account_id(region)
             bucket = self.config.bucket(account, region)
@@ -72,6 +92,7 @@ class Ec2Substrate:
             progress(f"{sandbox_id}: instance {made.instance.instance_id} is {made.instance.state}")
             if ttl_expiry is not None:
                 ensure_ttl_schedule(self.prefix, sandbox_id, ttl_expiry, self._ttl_target(region, account), region)
+            self._save_applied_plan(region, bucket, sandbox_id, plan)
             resources = {
                 **record.resources,
                 "instance_id": made.instance.instance_id,
@@ -111,27 +132,53 @@ class Ec2Substrate:
         )
 
     def applied_plan(self, record: SandboxRecord) -> dict[str, Any] | None:
-        """Not kept for ec2 sandboxes: convergence compares the record's hashes, without field names."""
-        return None
+        """The plan the sandbox was last converged to, kept in S3 (to name the fields a new plan changes)."""
+        bucket = record.resources.get("bucket")
+        if not bucket:
+            return None
+        try:
+            body = client("s3", record.region).get_object(Bucket=bucket, Key=applied_plan_key(record.sandbox_id))["Body"]
+            return dict(json.loads(body.read()))
+        except Exception as error:  # missing or unreadable: convergence still works from the hashes
+            if is_aws_error(error) or isinstance(error, ValueError):
+                return None
+            raise
+
+    def _save_applied_plan(self, region: str, bucket: str, sandbox_id: str, plan: dict[str, Any]) -> None:
+        body = (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode()
+        client("s3", region).put_object(
+            Bucket=bucket, Key=applied_plan_key(sandbox_id), Body=body, ContentType="application/json"
+        )
 
     def apply_policy(self, record: SandboxRecord, compiled: PlanInput) -> SandboxRecord:
-        """A new host-agent.json, written and reloaded live through SSM (no reboot)."""
-        config = compiled.plan["hostAgent"]
-        encoded = base64.b64encode((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()).decode()
-        script = (
-            f"printf %s {encoded} | base64 -d > /etc/km/host-agent.json.new && "
-            "mv /etc/km/host-agent.json.new /etc/km/host-agent.json && systemctl reload km-host-agent"
-        )
-        result = SsmChannel(record.region).run(self._instance_id(record), script, timeout=60)
+        """Live policy change through SSM: the compiled update rewrites host-agent.json, the environment and
+        configFiles and reloads the daemon (no reboot); then the record and the TTL schedule follow."""
+        status = self.observe(record)
+        if status != "running":
+            raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is {status}; resume it before changing its policy")
+        try:
+            result = SsmChannel(record.region).run(self._instance_id(record), bash_script(compiled.policy_update), timeout=120)
+        except ChannelError as error:
+            raise SubstrateError(f"updating {record.alias} ({record.sandbox_id}) in place: {error}") from None
         if result.returncode != 0:
-            raise SubstrateError(f"updating {record.alias} ({record.sandbox_id}) in place failed: {result.stderr.strip()}")
-        plan = compiled.plan
-        return self.store.update(record.sandbox_id, plan_hash=plan["hash"], policy_hash=plan["hashes"]["policy"])
+            detail = result.stderr.strip() or result.stdout.strip()
+            raise SubstrateError(f"updating {record.alias} ({record.sandbox_id}) in place failed: {detail}")
+        bucket = record.resources.get("bucket") or self.config.bucket(account_id(record.region), record.region)
+        self._save_applied_plan(record.region, bucket, record.sandbox_id, compiled.plan)
+        changes = policy_changes(record, compiled.plan)
+        expiry = changes["ttl_expiry"]
+        if isinstance(expiry, datetime):
+            self.set_ttl(record, expiry)
+        else:
+            delete_ttl_schedule(self._prefix(record), record.sandbox_id, record.region)
+        return self.store.update(record.sandbox_id, **changes)
 
     # ---- observe and lifecycle ------------------------------------------------------------------
     def observe(self, record: SandboxRecord) -> str:
-        if record.status == "starting" and _process_alive(record.resources.get("creator_pid")):
-            return "creating"
+        """The live status; a `starting` record whose creator is gone is a create that was killed (even if
+        its instance runs: later steps may be missing), which convergence finishes."""
+        if record.status == "starting":
+            return "creating" if _process_alive(record.resources.get("creator_pid")) else "starting"
         if record.status in ("nocap", "failed", "destroying"):
             return record.status
         instance = find_instance(record.region, SandboxRef(record.sandbox_id, self._prefix(record)))

@@ -14,11 +14,9 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from controller.compiler.userdata import PROFILE_ENV_PATH, profile_env_script
 from controller.images.bake import bake
 from controller.images.recipe import recipe_names
 from controller.images.store import Image, ImageStore
@@ -27,7 +25,7 @@ from controller.substrates.local import machine
 from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.machine import MachineError, MachineSpec
 from controller.substrates.local.network import MAX_SLOTS, SandboxNetwork
-from controller.substrates.records import starting_record
+from controller.substrates.records import policy_changes, starting_record
 from host_agent.paths import TMUX_SOCKET
 
 Progress = Callable[[str], None]
@@ -56,6 +54,7 @@ class PlanInput:
 
     plan: dict[str, Any]
     userdata: str
+    policy_update: str = ""  # the compiled live-policy script (render_policy_update)
 
 
 def sandbox_root() -> Path:
@@ -63,6 +62,8 @@ def sandbox_root() -> Path:
 
 
 class LocalSubstrate:
+    finishes_interrupted = False  # a killed create is replaced: a machine is cheap to make again
+
     def __init__(self, store: StateStore, images: ImageStore | None = None, root: Path | None = None) -> None:
         self.store = store
         self.images = images or ImageStore()
@@ -133,36 +134,20 @@ class LocalSubstrate:
             raise SubstrateError(
                 f"{record.alias} ({record.sandbox_id}) is {self.observe(record)}; resume it before changing its policy"
             )
-        config = plan["hostAgent"]
-        files: dict[str, tuple[str, str | None]] = {
-            "etc/km/host-agent.json": (json.dumps(config, indent=2, sort_keys=True) + "\n", None),
-            PROFILE_ENV_PATH.lstrip("/"): (
-                profile_env_script({**config["execution"]["bedrock_env"], **config["execution"]["env"]}),
-                None,
-            ),
-        }
-        for path, content in plan["profile"]["spec"]["execution"].get("configFiles", {}).items():
-            files[path.lstrip("/")] = (content, "sandbox")
-        for relative, (content, owner) in files.items():
-            _write_inside(spec.rootfs, relative, content, owner)
         result = machine.run_inside(
-            _int_required(record, "leader_pid"), ["systemctl", "reload", "km-host-agent.service"], user=None, in_agent_slice=False
+            _int_required(record, "leader_pid"),
+            ["/bin/bash", "-s"],
+            user=None,
+            in_agent_slice=False,
+            input_text=compiled.policy_update,
+            timeout=120,
         )
         if result.returncode != 0:
             raise SubstrateError(
-                f"{record.alias}: the host agent did not reload: {result.stderr.strip() or result.stdout.strip()}"
+                f"{record.alias}: the policy update failed inside the sandbox: {result.stderr.strip() or result.stdout.strip()}"
             )
         self._save_applied_plan(spec, plan)
-        lifecycle = config["lifecycle"]
-        ttl = lifecycle["ttl_seconds"]
-        return self.store.update(
-            record.sandbox_id,
-            plan_hash=plan["hash"],
-            policy_hash=plan["hashes"]["policy"],
-            ttl_expiry=record.created_at + timedelta(seconds=ttl) if ttl else None,
-            idle_timeout_seconds=lifecycle["idle_timeout_seconds"],
-            teardown_policy=lifecycle["teardown_policy"],
-        )
+        return self.store.update(record.sandbox_id, **policy_changes(record, plan))
 
     def machine_spec(self, record: SandboxRecord, image_rootfs: Path | None = None) -> MachineSpec:
         directory = self.root / record.sandbox_id
@@ -397,26 +382,6 @@ def _remove_in_background(directory: Path) -> None:
     trash = directory.with_name(f".trash-{directory.name}-{os.getpid()}")
     os.rename(directory, trash)
     subprocess.Popen(["rm", "-rf", "--one-file-system", str(trash)], start_new_session=True, stdin=subprocess.DEVNULL)
-
-
-def _write_inside(rootfs: Path, relative: str, content: str, owner: str | None) -> None:
-    """Write a file into the machine's disk through the host's view of it, owned as it would be inside."""
-    target = rootfs / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.km-tmp")
-    temporary.write_text(content)
-    if owner is not None:
-        uid, gid = _user_ids(rootfs, owner)
-        os.chown(temporary, uid, gid)
-    os.replace(temporary, target)
-
-
-def _user_ids(rootfs: Path, user: str) -> tuple[int, int]:
-    for line in (rootfs / "etc/passwd").read_text().splitlines():
-        fields = line.split(":")
-        if fields[0] == user:
-            return int(fields[2]), int(fields[3])
-    raise SubstrateError(f"user {user} does not exist in the sandbox")
 
 
 def _int_required(record: SandboxRecord, key: str) -> int:

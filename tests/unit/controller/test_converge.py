@@ -360,3 +360,24 @@ def test_plan_convergence_does_not_modify_its_inputs(tmp_path: Path) -> None:
     before = (repr(desired), repr(applied))
     plan_convergence(desired, Observed(record_for(applied), "running", applied))
     assert (repr(desired), repr(applied)) == before
+
+
+def test_an_interrupted_create_is_finished_where_the_substrate_can_and_the_plan_is_the_same(
+    plans: dict[str, dict[str, Any]],
+) -> None:
+    record = record_for(plans["goose"], status="starting")
+    finishing = Observed(record, "starting", None, finishes_interrupted=True)
+    assert plan_convergence(plans["goose"], finishing).action == "finish"
+    assert "interrupted" in plan_convergence(plans["goose"], finishing).describe("goose")
+
+
+@pytest.mark.parametrize(
+    ("desired", "finishes"), [("goose", False), ("bigger", True), ("wider", True)], ids=["cannot-finish", "runtime", "policy"]
+)
+def test_an_interrupted_create_is_replaced_when_it_cannot_be_finished_as_planned(
+    desired: str, finishes: bool, plans: dict[str, dict[str, Any]]
+) -> None:
+    """Finishing keeps what the killed create made, which is only right for the same plan."""
+    record = record_for(plans["goose"], status="starting")
+    observed = Observed(record, "starting", None, finishes_interrupted=finishes)
+    assert plan_convergence(plans[desired], observed).action == "replace"
