@@ -78,6 +78,17 @@ def hibernation_needs_on_demand(profile: SandboxProfile) -> Iterator[Finding]:
 
 
 @rule
+def spot_is_not_stopped(profile: SandboxProfile) -> Iterator[Finding]:
+    """km launches one-time spot instances, which EC2 cannot stop: only destroy or retain can end them."""
+    runtime, lifecycle = profile.spec.runtime, profile.spec.lifecycle
+    if runtime.spot and runtime.substrate == "ec2" and lifecycle.teardown_policy == "stop":
+        yield Finding(
+            _at("lifecycle", "teardownPolicy"),
+            "a spot instance cannot be stopped: set teardownPolicy: destroy (or retain), or spot: false",
+        )
+
+
+@rule
 def hibernation_root_volume_holds_memory(profile: SandboxProfile) -> Iterator[Finding]:
     runtime = profile.spec.runtime
     memory = INSTANCE_MEMORY_GIB.get(runtime.instance_type)

@@ -137,7 +137,8 @@ def test_unknown_fields_are_errors_with_a_suggestion(goose_data: dict[str, Any],
 def test_error_lines_point_at_the_offending_line(validate_text: ValidateText, goose_data: dict[str, Any]) -> None:
     from controller.profile import BUILTIN_PROFILES_DIR
 
-    text = (BUILTIN_PROFILES_DIR / "goose.yaml").read_text().replace("spot: false", "spot: true")
+    goose = (BUILTIN_PROFILES_DIR / "goose.yaml").read_text()
+    text = goose.replace("spot: false", "spot: true").replace("teardownPolicy: stop", "teardownPolicy: destroy")
     report = validate_text(text, name="x.yaml")
     (finding,) = report.errors
     line = text.splitlines().index("    spot: true") + 1

@@ -15,7 +15,16 @@ from tests.helpers import set_path
 BROKEN: list[tuple[dict[str, Any], str, str]] = [
     ({"spec.lifecycle.ttl": "30m"}, "spec.lifecycle.ttl", "shorter than idleTimeout 1h"),
     ({"spec.lifecycle.ttl": "1d", "spec.lifecycle.idleTimeout": "2d"}, "spec.lifecycle.ttl", "shorter than idleTimeout 2d"),
-    ({"spec.runtime.spot": True}, "spec.runtime.spot", "hibernation requires spot: false (hibernation is on-demand only)"),
+    (
+        {"spec.runtime.spot": True, "spec.lifecycle.teardownPolicy": "destroy"},
+        "spec.runtime.spot",
+        "hibernation requires spot: false (hibernation is on-demand only)",
+    ),
+    (
+        {"spec.runtime.spot": True, "spec.runtime.hibernation": False},
+        "spec.lifecycle.teardownPolicy",
+        "a spot instance cannot be stopped: set teardownPolicy: destroy (or retain), or spot: false",
+    ),
     ({"spec.runtime.rootVolumeSize": 4}, "spec.runtime.rootVolumeSize", "t3.medium has 4 GiB of memory"),
     ({"spec.runtime.rootVolumeSize": 0}, "spec.runtime.rootVolumeSize", "it is the image default"),
     ({"spec.runtime.instanceType": "m5.2xlarge", "spec.runtime.rootVolumeSize": 30}, "spec.runtime.rootVolumeSize", "32 GiB"),
@@ -58,7 +67,13 @@ FINE: list[dict[str, Any]] = [
     {"spec.lifecycle.ttl": "0"},
     {"spec.lifecycle.ttl": "1h"},
     {"spec.lifecycle.ttl": "7d", "spec.lifecycle.idleTimeout": "1d"},
-    {"spec.runtime.hibernation": False, "spec.runtime.spot": True, "spec.runtime.rootVolumeSize": 0},
+    {
+        "spec.runtime.hibernation": False,
+        "spec.runtime.spot": True,
+        "spec.runtime.rootVolumeSize": 0,
+        "spec.lifecycle.teardownPolicy": "destroy",
+    },
+    {"spec.runtime.hibernation": False, "spec.runtime.spot": True, "spec.lifecycle.teardownPolicy": "retain"},
     {"spec.runtime.instanceType": "x9.unknown", "spec.runtime.rootVolumeSize": 1},
     {"spec.budget.warningThreshold": 1},
     {"spec.runtime.additionalVolume.mountPoint": "/data/extra"},
@@ -106,6 +121,7 @@ def test_every_rule_is_exercised_by_the_table() -> None:
     by_path = {
         "spec.lifecycle.ttl": "ttl_covers_idle_timeout",
         "spec.runtime.spot": "hibernation_needs_on_demand",
+        "spec.lifecycle.teardownPolicy": "spot_is_not_stopped",
         "spec.runtime.rootVolumeSize": "hibernation_root_volume_holds_memory",
         "spec.budget.warningThreshold": "warning_threshold_is_a_fraction",
         "spec.runtime.region": "region_is_allowed",
