@@ -65,6 +65,14 @@ def ec2_configured() -> bool:
     return os.environ.get(SUBSTRATE_ENV) == "ec2" or config_path().is_file()
 
 
+def other_store(chosen: str) -> StateStore | None:
+    """The store of the substrate not chosen, when it can hold sandboxes. Aliases and list numbers are the
+    operator's across both, so `goose` or `#2` always names one sandbox."""
+    if chosen == "ec2":
+        return state_store()
+    return state_store_for("ec2") if ec2_configured() else None
+
+
 def choose_substrate(requested: str | None, profile_substrate: str) -> str:
     chosen = requested or os.environ.get(SUBSTRATE_ENV) or profile_substrate
     if chosen not in SUBSTRATES:
@@ -94,6 +102,7 @@ def converge(
     """Make the sandbox named by `alias` (default: the profile's name) match the profile's compiled plan."""
     profile, merged = load_profile(reference, ProfileResolver())
     chosen = choose_substrate(substrate, profile.spec.runtime.substrate)
+    other = None if store is not None else other_store(chosen)
     store = store or state_store_for(chosen)
     if chosen != profile.spec.runtime.substrate:
         # Compile for where it will really run, so the plan, its hashes and host-agent.json all agree.
@@ -103,16 +112,18 @@ def converge(
     plan = compiled.plan
     alias = alias or profile.metadata.name
     local = substrate_for(chosen, store)
-    record = store.find_by_alias(alias)
+    record, owner = store.find_by_alias(alias), local
+    if record is None and other is not None and (elsewhere := other.find_by_alias(alias)) is not None:
+        record, owner = elsewhere, substrate_for(elsewhere.substrate, other)  # moving substrates: replaced below
     changed = record is not None and (record.runtime_hash, record.policy_hash) != (
         plan["hashes"]["runtime"],
         plan["hashes"]["policy"],
     )
     observed = Observed(
         record,
-        local.observe(record) if record else None,
-        local.applied_plan(record) if record and changed else None,  # only to name what changed
-        finishes_interrupted=local.finishes_interrupted,
+        owner.observe(record) if record else None,
+        owner.applied_plan(record) if record and changed else None,  # only to name what changed
+        finishes_interrupted=owner.finishes_interrupted,
     )
     convergence = plan_convergence(plan, observed)
     if dry_run or convergence.action == "none":
@@ -123,17 +134,18 @@ def converge(
     if convergence.action == "finish" and record is not None:
         from controller.substrates.ec2.substrate import Ec2Substrate
 
-        assert isinstance(local, Ec2Substrate), "only the ec2 substrate finishes interrupted creates"
+        assert isinstance(owner, Ec2Substrate), "only the ec2 substrate finishes interrupted creates"
         progress(convergence.describe(alias))
-        return ConvergeResult(alias, convergence, local.finish_create(record, plan_input, progress), dry_run)
+        return ConvergeResult(alias, convergence, owner.finish_create(record, plan_input, progress), dry_run)
     if convergence.action == "update" and record is not None:
-        return ConvergeResult(alias, convergence, local.apply_policy(record, plan_input), dry_run)
+        return ConvergeResult(alias, convergence, owner.apply_policy(record, plan_input), dry_run)
     if convergence.action == "replace" and record is not None:
         if record.locked:
             raise SubstrateError(f"{alias} ({record.sandbox_id}) must be replaced but is locked; `km unlock {alias}` first")
         progress(convergence.describe(alias))
-        local.destroy(record, force=True)
-    created = local.create(plan_input, alias, str(merged.file), progress)
+        owner.destroy(record, force=True)
+    taken_elsewhere = [each.number for each in other.list() if each.number is not None] if other is not None else []
+    created = local.create(plan_input, alias, str(merged.file), progress, taken_elsewhere)
     if chosen == "local":
         ensure_reaper()
     return ConvergeResult(alias, convergence, created, dry_run)

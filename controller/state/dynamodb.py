@@ -19,7 +19,7 @@ from __future__ import annotations
 import builtins
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,8 +67,8 @@ class DynamoDBStateStore:
     def __repr__(self) -> str:
         return f"DynamoDBStateStore({self.table_name!r}, {self.region!r})"
 
-    def insert(self, record: SandboxRecord) -> SandboxRecord:
-        lost: set[int] = set()
+    def insert(self, record: SandboxRecord, avoid_numbers: Collection[int] = ()) -> SandboxRecord:
+        lost: set[int] = set(avoid_numbers)
         for attempt in range(INSERT_ATTEMPTS):
             number = lowest_free_number(self._numbers_taken() | lost)
             stored = record.model_copy(update={"number": number})

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +73,7 @@ class SQLiteStateStore:
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
 
-    def insert(self, record: SandboxRecord) -> SandboxRecord:
+    def insert(self, record: SandboxRecord, avoid_numbers: Collection[int] = ()) -> SandboxRecord:
         with self._write() as connection:
             holder = connection.execute("SELECT sandbox_id FROM sandboxes WHERE alias = ?", (record.alias,)).fetchone()
             if holder is not None:
@@ -81,7 +81,7 @@ class SQLiteStateStore:
             if connection.execute("SELECT 1 FROM sandboxes WHERE sandbox_id = ?", (record.sandbox_id,)).fetchone():
                 raise StateError(f"sandbox id {record.sandbox_id} is already in {self.path}; create again for a fresh id")
             taken = (row["number"] for row in connection.execute("SELECT number FROM sandboxes"))
-            stored = record.model_copy(update={"number": lowest_free_number(taken)})
+            stored = record.model_copy(update={"number": lowest_free_number([*taken, *avoid_numbers])})
             connection.execute(_INSERT, _row(stored))
         return stored
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -27,8 +27,9 @@ _LIST_NUMBER = re.compile(r"#?([0-9]+)")
 class StateStore(Protocol):
     """Sandbox records keyed by id, with unique aliases and stable list numbers."""
 
-    def insert(self, record: SandboxRecord) -> SandboxRecord:
-        """Store a new sandbox and return it with its list `number`; `AliasTaken` if the alias is in use."""
+    def insert(self, record: SandboxRecord, avoid_numbers: Collection[int] = ()) -> SandboxRecord:
+        """Store a new sandbox and return it with its list `number` (the lowest free one not in
+        `avoid_numbers`: those the other store uses, so `#N` names one sandbox); `AliasTaken` if the alias is in use."""
         ...
 
     def get(self, sandbox_id: str) -> SandboxRecord:

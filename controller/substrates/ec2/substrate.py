@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,16 @@ class Ec2Substrate:
     finishes_interrupted = True  # every resource step is found by tag first: a killed create can go on
 
     def create(
-        self, compiled: PlanInput, alias: str, profile_file: str | None = None, progress: Progress = lambda _: None
+        self,
+        compiled: PlanInput,
+        alias: str,
+        profile_file: str | None = None,
+        progress: Progress = lambda _: None,
+        avoid_numbers: Collection[int] = (),
     ) -> SandboxRecord:
         plan = compiled.plan
-        record = self.store.insert(starting_record(plan, alias, profile_file, "ec2", {"resource_prefix": self.prefix}))
+        starting = starting_record(plan, alias, profile_file, "ec2", {"resource_prefix": self.prefix})
+        record = self.store.insert(starting, avoid_numbers)
         progress(f"{record.sandbox_id}: created record for alias {alias} in {record.region}")
         return self._provision(record, compiled, progress)
 

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,14 +72,20 @@ class LocalSubstrate:
 
     # ---- create -------------------------------------------------------------------------------
     def create(
-        self, compiled: PlanInput, alias: str, profile_file: str | None = None, progress: Progress = lambda _: None
+        self,
+        compiled: PlanInput,
+        alias: str,
+        profile_file: str | None = None,
+        progress: Progress = lambda _: None,
+        avoid_numbers: Collection[int] = (),
     ) -> SandboxRecord:
         _require_root()
         machine.require_cgroup2()
         plan = compiled.plan
         image = self._image_for(plan["sandbox"]["ami"], progress)
         record = self.store.insert(
-            starting_record(plan, alias, profile_file, "local", {"image": image.name, "volumes": _volume_list(plan)})
+            starting_record(plan, alias, profile_file, "local", {"image": image.name, "volumes": _volume_list(plan)}),
+            avoid_numbers,
         )
         sandbox_id = record.sandbox_id
         # The list number is unique among live sandboxes and assigned under the store's lock: use it as

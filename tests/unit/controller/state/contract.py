@@ -129,6 +129,11 @@ class StateStoreContract:
     def test_a_number_given_by_the_caller_is_replaced(self, store: StateStore, make_record: MakeRecord) -> None:
         assert store.insert(make_record(number=7)).number == 1
 
+    def test_numbers_the_other_store_uses_are_skipped(self, store: StateStore, make_record: MakeRecord) -> None:
+        assert store.insert(make_record("a"), avoid_numbers=[2, 3]).number == 1
+        assert store.insert(make_record("b"), avoid_numbers=[2, 3]).number == 4
+        assert store.insert(make_record("c")).number == 2
+
     # --- aliases and ids -----------------------------------------------------------------------
 
     def test_alias_taken(self, store: StateStore, make_record: MakeRecord) -> None:
