@@ -191,8 +191,10 @@ def test_extends_must_name_profiles(builtin: Path, resolver: ProfileResolver, va
 def test_errors_after_merging_point_into_the_file_that_set_the_value(builtin: Path) -> None:
     write(builtin, "base/runtime", FRAGMENT.format(name="rt") + "spec:\n  runtime:\n    substrate: ec2\n    spot: true\n")
     goose = (Path(__file__).resolve().parents[4] / "profiles" / "goose.yaml").read_text()
-    child_text = goose.replace("    spot: false\n", "").replace("teardownPolicy: stop", "teardownPolicy: destroy").replace(
-        "kind: SandboxProfile\n", "kind: SandboxProfile\nextends: base/runtime\n"
+    child_text = (
+        goose.replace("    spot: false\n", "")
+        .replace("teardownPolicy: stop", "teardownPolicy: destroy")
+        .replace("kind: SandboxProfile\n", "kind: SandboxProfile\nextends: base/runtime\n")
     )
     child = write(builtin.parent, "child", child_text)
     report = validate(child, ProfileResolver(builtin_dir=builtin, extra_dirs=[]))
