@@ -206,9 +206,15 @@ def _init_section(profile: SandboxProfile) -> list[str]:
 def _host_agent_section(config: HostAgentConfig) -> list[str]:
     return [
         "km_log 'host agent'",
+        # An image without the daemon (a stock AMI) installs it from the bundle km create published.
         "if ! command -v km-host-agent >/dev/null 2>&1; then",
-        '  : "${KM_HOST_AGENT_WHEEL:?km-host-agent is missing: use an image baked by km (doit bake) or set KM_HOST_AGENT_WHEEL}"',
-        '  python3 -m pip install --quiet "$KM_HOST_AGENT_WHEEL"',
+        '  : "${KM_HOST_AGENT_BUNDLE_URL:?km-host-agent is missing and km gave no bundle: use an image with it baked in}"',
+        "  km_log 'host agent: installing it from its bundle'",
+        "  install -d -m 0700 /opt/km/bundle",
+        '  curl -fsS --retry 5 --retry-connrefused -o /opt/km/bundle.tar.gz "$KM_HOST_AGENT_BUNDLE_URL"',
+        '  echo "$KM_HOST_AGENT_BUNDLE_SHA256  /opt/km/bundle.tar.gz" | sha256sum -c --quiet -',
+        "  tar -xzf /opt/km/bundle.tar.gz -C /opt/km/bundle --no-same-owner",
+        "  bash /opt/km/bundle/install-host-agent.sh",
         "fi",
         _write_file(str(CONFIG_PATH), "0644", "root:root", config.to_json()),
         # A baked image already has these units: reloading systemd for nothing costs a third of a second.

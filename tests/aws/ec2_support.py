@@ -24,7 +24,7 @@ BUCKET = "km-artifacts-123456789012-us-east-1"
 EFS_ID = "fs-0123456789abcdef0"
 # moto changes state on the next look, so waits finish at once; a short interval keeps a miss cheap.
 FAST = Polling(interval_seconds=0.01, timeout_seconds=5.0)
-READS = ("Describe", "Get", "List")
+READS = ("Describe", "Get", "List", "Head")
 
 
 @functools.cache

@@ -9,7 +9,7 @@ the instance's own description.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from controller.aws.config import OperatorConfig
 from controller.compiler.iam import render_iam_policy
 from controller.substrates.ec2.errors import Ec2Error
 from controller.substrates.ec2.iam import ensure_instance_profile, ensure_role
-from controller.substrates.ec2.images import resolve_ami
+from controller.substrates.ec2.images import Image, resolve_ami
 from controller.substrates.ec2.instances import PROFILE_POLLING, Instance, find_instance, launch_instance
 from controller.substrates.ec2.network import Subnet, Vpc, ensure_security_group, find_subnets, find_vpc
 from controller.substrates.ec2.polling import Polling
@@ -67,13 +67,14 @@ def ensure_sandbox(
     artifacts_bucket: str,
     config: OperatorConfig,
     alias: str | None = None,
-    boot_env: Mapping[str, str] | None = None,
+    boot_env: Callable[[Image], Mapping[str, str]] | None = None,
     polling: Polling | None = None,
 ) -> SandboxResources:
     """Role, instance profile, security group, instance and data volumes for `plan`, made or found.
 
-    `userdata` is the compiled userdata.sh; the instance boots it after its identity (plus `boot_env`,
-    e.g. KM_HOST_AGENT_WHEEL) is written. An instance that already exists is kept whatever plan it was
+    `userdata` is the compiled userdata.sh; the instance boots it after its identity (plus what
+    `boot_env` gives for the chosen image, asked only when an instance is launched: the host agent
+    bundle's URL) is written. An instance that already exists is kept whatever plan it was
     launched from (`instance.plan_hash`): replacing it is the caller's decision. `polling` overrides
     every wait (tests).
     """
@@ -92,7 +93,8 @@ def ensure_sandbox(
     if instance is None:
         image = resolve_ami(region, shape.ami, shape.instance_type)
         subnet = _subnet_for(region, tags, shape, find_subnets(region, vpc, config))
-        identity = sandbox_identity(tags, region, vpc, artifacts_bucket, config, alias) | dict(boot_env or {})
+        identity = sandbox_identity(tags, region, vpc, artifacts_bucket, config, alias)
+        identity |= dict(boot_env(image)) if boot_env is not None else {}
         instance = launch_instance(
             region,
             tags,

@@ -23,7 +23,9 @@ from controller.aws.efs import find_file_system
 from controller.channel.ssm import ChannelError, SsmChannel, bash_script, host_agent_script
 from controller.schedule.ttl import TtlTarget, delete_ttl_schedule, ensure_ttl_schedule
 from controller.state import SandboxRecord, StateStore
+from controller.substrates.ec2.bundle import local_architecture, publish_bundle
 from controller.substrates.ec2.errors import CapacityError, Ec2Error, is_aws_error
+from controller.substrates.ec2.images import Image
 from controller.substrates.ec2.instances import find_instance, start_instance, stop_instance
 from controller.substrates.ec2.provision import ensure_sandbox
 from controller.substrates.ec2.tags import SandboxRef, SandboxTags
@@ -95,6 +97,7 @@ class Ec2Substrate:
                 artifacts_bucket=bucket,
                 config=self._with_efs(region),
                 alias=alias,
+                boot_env=lambda image: self._host_agent_env(region, bucket, image, progress),
             )
             progress(f"{sandbox_id}: instance {made.instance.instance_id} is {made.instance.state}")
             if ttl_expiry is not None:
@@ -119,6 +122,16 @@ class Ec2Substrate:
             if isinstance(error, Ec2Error):
                 raise SubstrateError(f"create {alias} ({sandbox_id}) failed: {error}") from None
             raise
+
+    def _host_agent_env(self, region: str, bucket: str, image: Image, progress: Progress) -> dict[str, str]:
+        """Publish the host agent bundle for an instance about to launch (a stock image lacks the daemon).
+
+        An `ami-…` given in the profile may be one with km-host-agent baked in, whatever its architecture:
+        it gets the bundle only when it can use it."""
+        if image.source == "literal" and image.architecture != local_architecture():
+            return {}
+        progress(f"host agent bundle for {image.image_id} ({image.architecture})")
+        return publish_bundle(region, bucket, image.architecture)
 
     def set_ttl(self, record: SandboxRecord, expiry: datetime) -> None:
         """Move the sandbox's TTL schedule (`km extend`); the handler ignores the old time if it fires anyway."""
