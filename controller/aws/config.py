@@ -37,6 +37,9 @@ class OperatorConfig(BaseModel):
     subnet_ids: list[str] = Field(default_factory=list, description="Default: the VPC's default-for-AZ subnets.")
     efs_id: str | None = Field(None, description="EFS file system for profiles that mount it.")
     notification_email: str | None = Field(None, description="Where lifecycle notifications go.")
+    pip_index_url: str | None = Field(
+        None, description="Python package index instances install the host agent's dependencies from (default PyPI)."
+    )
 
     def effective_region(self, env: Mapping[str, str] | None = None) -> str:
         env = os.environ if env is None else env

@@ -20,10 +20,12 @@ import pytest
 
 from controller.substrates.ec2.bundle import build_bundle, local_architecture, publish_bundle
 from controller.substrates.ec2.errors import Ec2Error
+from controller.substrates.ec2.network import find_vpc
+from controller.substrates.ec2.provision import sandbox_identity
 from controller.substrates.ec2.userdata import userdata_key
 from ebpf.objects import build_all
 from tests.aws.conftest import REGION, Moto
-from tests.aws.ec2_support import BUCKET, aws_calls, make_bucket, tagged, writes
+from tests.aws.ec2_support import BUCKET, aws_calls, compiled, make_bucket, operator_config, sandbox_tags, tagged, writes
 from tests.conftest import REPO_ROOT
 
 KM = Path(sys.executable).parent / "km"
@@ -73,7 +75,9 @@ def test_another_architecture_is_refused_with_the_fix(moto: Moto) -> None:
 def test_a_created_instance_boots_with_the_bundle(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KM_STATE_DIR", str(tmp_path / "state"))
     run = [str(KM), "init"], [str(KM), "create", "goose", "--json"]
-    done = [subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, env=os.environ.copy(), timeout=300) for argv in run]
+    done = [
+        subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, env=os.environ.copy(), timeout=300) for argv in run
+    ]
     assert [each.returncode for each in done] == [0, 0], [each.stderr for each in done]
     sandbox_id = json.loads(done[1].stdout)["sandbox"]["id"]
     [instance_id] = tagged(moto, sandbox_id)["instances"]
@@ -88,3 +92,16 @@ def test_a_created_instance_boots_with_the_bundle(moto: Moto, tmp_path: Path, mo
     assert url and digest, script[:2000]
     assert hashlib.sha256(urllib.request.urlopen(url.group(1), timeout=10).read()).hexdigest() == digest.group(1)
     assert "bash /opt/km/bundle/install-host-agent.sh" in script  # the compiled section that uses them
+
+
+def test_an_operators_package_index_reaches_the_installer(moto: Moto) -> None:
+    """Accounts without a route to PyPI name their mirror once, in the km configuration."""
+    goose = compiled()
+    config = operator_config(pip_index_url="https://pypi.internal.example/simple")
+    vpc = find_vpc(REGION, config)
+
+    identity = sandbox_identity(sandbox_tags(goose), REGION, vpc, BUCKET, config)
+
+    assert identity["KM_PIP_INDEX_URL"] == "https://pypi.internal.example/simple"
+    assert "KM_PIP_INDEX_URL" in (REPO_ROOT / "controller/substrates/ec2/install-host-agent.sh").read_text()
+    assert "KM_PIP_INDEX_URL" not in sandbox_identity(sandbox_tags(goose), REGION, vpc, BUCKET, operator_config())

@@ -55,6 +55,8 @@ def sandbox_identity(
         identity["KM_ALIAS"] = alias
     if config.efs_id:
         identity["KM_EFS_ID"] = config.efs_id
+    if config.pip_index_url:
+        identity["KM_PIP_INDEX_URL"] = config.pip_index_url  # read by install-host-agent.sh
     return identity
 
 
