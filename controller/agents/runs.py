@@ -73,10 +73,17 @@ def _ready_sandbox(ref: str, auto_start: bool, progress: Progress) -> tuple[Sand
 def _call(substrate: Substrate, record: SandboxRecord, args: list[str], input_text: str | None = None) -> tuple[Any, int]:
     """Run `km-host-agent ARGS` in the sandbox; its JSON and exit code (0, or 1 for a failed run)."""
     completed = substrate.host_agent_command(record, args, input_text=input_text)
-    if completed.returncode not in (0, AGENT_FAILED_EXIT) or not completed.stdout.strip():
+    if completed.returncode not in (0, AGENT_FAILED_EXIT):
         detail = completed.stderr.strip().removeprefix("km-host-agent: ") or f"exit code {completed.returncode}"
         raise AgentRunError(f"{record.alias}: km-host-agent {args[0]}: {detail}")
-    return json.loads(completed.stdout), completed.returncode
+    try:
+        return json.loads(completed.stdout), completed.returncode
+    except ValueError:
+        said = repr(completed.stdout.strip()[:200]) if completed.stdout.strip() else "nothing"
+        raise AgentRunError(
+            f"{record.alias}: km-host-agent {args[0]} answered {said} (exit code {completed.returncode}), not JSON; "
+            f"is its host agent installed and running? `km status {record.alias}`"
+        ) from None
 
 
 @contextmanager
