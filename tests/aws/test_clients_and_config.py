@@ -3,13 +3,14 @@ need no file, a file that is checked like a profile, and KM_* variables on top."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from controller.aws import clients
 from controller.aws.config import OperatorConfigError, load_operator_config
-from tests.aws.conftest import Moto
+from tests.aws.conftest import Moto, free_port
 
 
 def test_clients_go_to_the_moto_server_from_the_environment(moto: Moto) -> None:
@@ -17,6 +18,19 @@ def test_clients_go_to_the_moto_server_from_the_environment(moto: Moto) -> None:
 
     assert [b["Name"] for b in moto.client("s3").list_buckets()["Buckets"]] == ["seen-through-km"]
     assert clients.account_id("us-east-1") == "123456789012"  # moto's account
+
+
+def test_a_service_endpoint_overrides_the_general_one(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_ENDPOINT_URL_<SERVICE> wins for that service (e.g. S3 through a VPC endpoint or a local copy)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto.endpoint)
+    clients._session.cache_clear()  # sessions read the environment when made
+
+    clients.client("s3", "us-east-1").create_bucket(Bucket="through-the-s3-endpoint")
+
+    assert [b["Name"] for b in moto.client("s3").list_buckets()["Buckets"]] == ["through-the-s3-endpoint"]
+    assert clients.client("sts", "us-east-1").meta.endpoint_url == os.environ["AWS_ENDPOINT_URL"]
+    clients._session.cache_clear()
 
 
 def test_no_file_gives_the_defaults(tmp_path: Path) -> None:
