@@ -7,22 +7,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.aws.commands import DOIT, km
 from tests.aws.conftest import Moto
 from tests.aws.ec2_support import tagged
 from tests.conftest import REPO_ROOT
-
-KM = Path(sys.executable).parent / "km"
-DOIT = Path(sys.executable).parent / "doit"
-
-
-def km(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([KM, *args], capture_output=True, text=True, env=os.environ.copy(), cwd=REPO_ROOT, timeout=300)
-    assert done.returncode == expect, f"km {' '.join(args)}: {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def instance_state(moto: Moto, instance_id: str) -> str:
@@ -30,8 +23,8 @@ def instance_state(moto: Moto, instance_id: str) -> str:
     return str(reservation["Instances"][0]["State"]["Name"])
 
 
-def test_goose_on_ec2_from_create_to_destroy(moto: Moto, tmp_path: Path) -> None:
-    os.environ["KM_STATE_DIR"] = str(tmp_path / "state")  # the local store stays empty and private
+def test_goose_on_ec2_from_create_to_destroy(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KM_STATE_DIR", str(tmp_path / "state"))  # the local store stays empty and private
     km("init")
 
     created: Any = json.loads(km("create", "goose", "--json").stdout)
@@ -78,16 +71,16 @@ def test_goose_on_ec2_from_create_to_destroy(moto: Moto, tmp_path: Path) -> None
     assert json.loads(km("list", "--json").stdout) == []
 
 
-def test_without_km_init_create_says_what_to_run(moto: Moto, tmp_path: Path) -> None:
-    os.environ["KM_STATE_DIR"] = str(tmp_path / "state")
+def test_without_km_init_create_says_what_to_run(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KM_STATE_DIR", str(tmp_path / "state"))
 
     failed = km("create", "goose", expect=1)
 
     assert "run `km init`" in failed.stderr
 
 
-def test_doit_create_and_destroy_goose_on_ec2(moto: Moto, tmp_path: Path) -> None:
-    os.environ["KM_STATE_DIR"] = str(tmp_path / "state")
+def test_doit_create_and_destroy_goose_on_ec2(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KM_STATE_DIR", str(tmp_path / "state"))
     km("init")
 
     def doit(task: str) -> str:

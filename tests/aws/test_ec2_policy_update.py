@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +15,10 @@ import pytest
 
 from controller.compiler import compile_profile
 from controller.profile import ProfileResolver, load_profile
+from tests.aws.commands import km
 from tests.aws.conftest import Moto
 from tests.aws.ec2_support import tagged
 from tests.conftest import REPO_ROOT
-
-KM = Path(sys.executable).parent / "km"
-
-
-def km(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([KM, *args], capture_output=True, text=True, env=os.environ.copy(), cwd=REPO_ROOT, timeout=300)
-    assert done.returncode == expect, f"km {' '.join(args)}: {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def sent_script(command: dict[str, Any]) -> str:

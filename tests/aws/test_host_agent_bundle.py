@@ -8,10 +8,7 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -24,11 +21,10 @@ from controller.substrates.ec2.network import find_vpc
 from controller.substrates.ec2.provision import sandbox_identity
 from controller.substrates.ec2.userdata import userdata_key
 from ebpf.objects import build_all
+from tests.aws.commands import km
 from tests.aws.conftest import REGION, Moto
 from tests.aws.ec2_support import BUCKET, aws_calls, compiled, make_bucket, operator_config, sandbox_tags, tagged, writes
 from tests.conftest import REPO_ROOT
-
-KM = Path(sys.executable).parent / "km"
 
 
 def test_the_bundle_is_reproducible_and_carries_what_the_instance_needs() -> None:
@@ -74,12 +70,9 @@ def test_another_architecture_is_refused_with_the_fix(moto: Moto) -> None:
 
 def test_a_created_instance_boots_with_the_bundle(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KM_STATE_DIR", str(tmp_path / "state"))
-    run = [str(KM), "init"], [str(KM), "create", "goose", "--json"]
-    done = [
-        subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, env=os.environ.copy(), timeout=300) for argv in run
-    ]
-    assert [each.returncode for each in done] == [0, 0], [each.stderr for each in done]
-    sandbox_id = json.loads(done[1].stdout)["sandbox"]["id"]
+    km("init")
+    created = km("create", "goose", "--json")
+    sandbox_id = json.loads(created.stdout)["sandbox"]["id"]
     [instance_id] = tagged(moto, sandbox_id)["instances"]
     bucket = next(b["Name"] for b in moto.client("s3").list_buckets()["Buckets"] if b["Name"].startswith("km-artifacts-"))
 

@@ -4,26 +4,15 @@ ec2 ones in DynamoDB, `#2` and `goose` must each still name exactly one sandbox.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from controller.state import SQLiteStateStore, default_state_path
+from tests.aws.commands import km
 from tests.aws.conftest import Moto
 from tests.aws.ec2_support import tagged
-from tests.conftest import REPO_ROOT
 from tests.unit.controller.state.conftest import new_record
-
-KM = Path(sys.executable).parent / "km"
-
-
-def km(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([KM, *args], capture_output=True, text=True, env=os.environ.copy(), cwd=REPO_ROOT, timeout=300)
-    assert done.returncode == expect, f"km {' '.join(args)}: {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 @pytest.fixture
