@@ -249,23 +249,24 @@ def shell_command(ref: str, root: bool, command: tuple[str, ...]) -> None:
 
 
 @click.command("doctor")
-@click.option("--local", "local", is_flag=True, required=True, help="Check this host's local substrate.")
+@click.option("--local", "local", is_flag=True, help="Check this host's local substrate.")
+@click.option("--ec2", "ec2", is_flag=True, help="Check the AWS account (this installation's resource prefix).")
 @click.option("--fix", is_flag=True, help="Remove what is found.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @operator_errors
-def doctor_command(local: bool, fix: bool, as_json: bool) -> None:
-    """Find what local sandboxes left behind (namespaces, links, NAT rules, cgroups, mounts, disks); exit 1 if any."""
-    from controller.sandboxes import state_store
-    from controller.substrates.local import doctor
-    from controller.substrates.local.substrate import sandbox_root
-
-    store = state_store()
-    found = doctor.find_leftovers(store, sandbox_root())
-    if fix and found:
-        doctor.fix(found)
-        remaining = doctor.find_leftovers(store, sandbox_root())
-    else:
-        remaining = found
+def doctor_command(local: bool, ec2: bool, fix: bool, as_json: bool) -> None:
+    """Find what sandboxes left behind with no record (local: namespaces, links, NAT rules, cgroups, mounts,
+    disks; ec2: instances, volumes, security groups, roles, instance profiles, schedules); exit 1 if any."""
+    if not (local or ec2):
+        raise click.UsageError("say what to check: --local (this host), --ec2 (the AWS account), or both")
+    found: list[Any] = []
+    remaining: list[Any] = []
+    if local:
+        more, left = _local_doctor(fix)
+        found, remaining = found + more, remaining + left
+    if ec2:
+        more, left = _ec2_doctor(fix)
+        found, remaining = found + more, remaining + left
     if as_json:
         print_json({"found": [item.as_json() for item in found], "remaining": [item.as_json() for item in remaining]})
     else:
@@ -275,6 +276,34 @@ def doctor_command(local: bool, fix: bool, as_json: bool) -> None:
             )
         click.echo(f"{len(found)} leftover(s) found" + (f", {len(found) - len(remaining)} removed" if fix else ""))
     sys.exit(1 if remaining else 0)
+
+
+def _local_doctor(fix: bool) -> tuple[list[Any], list[Any]]:
+    from controller.sandboxes import state_store
+    from controller.substrates.local import doctor
+    from controller.substrates.local.substrate import sandbox_root
+
+    store = state_store()
+    found = doctor.find_leftovers(store, sandbox_root())
+    if not (fix and found):
+        return list(found), list(found)
+    doctor.fix(found)
+    return list(found), list(doctor.find_leftovers(store, sandbox_root()))
+
+
+def _ec2_doctor(fix: bool) -> tuple[list[Any], list[Any]]:
+    from controller.aws.config import load_operator_config
+    from controller.sandboxes import state_store_for
+    from controller.substrates.ec2 import doctor
+
+    config = load_operator_config()
+    region, prefix = config.effective_region(), config.resource_prefix
+    known = [record.sandbox_id for record in state_store_for("ec2").list()]
+    found = doctor.find_orphans(region, prefix, known)
+    if not (fix and found):
+        return list(found), list(found)
+    doctor.fix(region, prefix, found)
+    return list(found), list(doctor.find_orphans(region, prefix, known))
 
 
 SANDBOX_COMMANDS = [
