@@ -87,7 +87,14 @@ def test_a_sleeping_run_dies_on_sighup(tmp_path: Path) -> None:
     prompt_file.write_text("wait KM_FAKE_SLEEP=30")
     invocation = ClaudeAdapter().invocation(prompt_file, [])
     with prompt_file.open("rb") as prompt_stream:
-        process = subprocess.Popen(invocation.argv, stdin=prompt_stream, stdout=subprocess.PIPE, env=agent_env(invocation))
+        # SIGHUP's default action, whatever this test inherited (under nohup it is ignored, as is any child's).
+        process = subprocess.Popen(
+            invocation.argv,
+            stdin=prompt_stream,
+            stdout=subprocess.PIPE,
+            env=agent_env(invocation),
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+        )
     try:
         process.wait(timeout=0.5)
     except subprocess.TimeoutExpired:
