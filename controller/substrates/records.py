@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,8 +34,38 @@ def starting_record(
         ttl_expiry=now + timedelta(seconds=lifecycle["ttl_seconds"]) if lifecycle["ttl_seconds"] else None,
         idle_timeout_seconds=lifecycle["idle_timeout_seconds"],
         teardown_policy=lifecycle["teardown_policy"],
-        resources={"creator_pid": str(os.getpid()), **resources},
+        resources={**creator(), **resources},
     )
+
+
+# No create takes this long (EC2's waits give up well before): an older `starting` record was interrupted
+# even if a process with its creator's pid exists, which by then is another process.
+CREATE_GIVES_UP = timedelta(hours=1)
+
+
+def creator() -> dict[str, str]:
+    """Who is creating the sandbox: written on its `starting` record (and again by a run that finishes it)."""
+    return {"creator_host": socket.gethostname(), "creator_pid": str(os.getpid())}
+
+
+def creator_alive(record: SandboxRecord, now: datetime | None = None) -> bool:
+    """Whether the process that wrote this `starting` record may still be creating it, so convergence must
+    wait rather than finish or replace it. On this host its pid is asked. Another operator's host (ec2
+    records are shared) cannot be, so there only the record's age decides."""
+    if (now or datetime.now(UTC)) - record.updated_at > CREATE_GIVES_UP:
+        return False
+    host, pid = record.resources.get("creator_host"), record.resources.get("creator_pid") or ""
+    if host not in (None, socket.gethostname()):
+        return True
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def policy_changes(record: SandboxRecord, plan: dict[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,16 @@ def writes(calls: Counter[str]) -> Counter[str]:
     return Counter({name: n for name, n in calls.items() if not name.split(".", 1)[1].startswith(READS)})
 
 
+# What `tagged` returns once a sandbox is entirely gone.
+NOTHING_TAGGED: dict[str, list[str]] = {
+    "instances": [],
+    "volumes": [],
+    "security_groups": [],
+    "roles": [],
+    "instance_profiles": [],
+}
+
+
 def tagged(moto: Moto, sandbox_id: str = SANDBOX_ID) -> dict[str, list[str]]:
     """Everything in the account that still belongs to the sandbox (terminated instances do not count)."""
     ec2, iam = moto.client("ec2"), moto.client("iam")

@@ -14,7 +14,7 @@ import pytest
 
 from tests.aws.commands import DOIT, km
 from tests.aws.conftest import Moto
-from tests.aws.ec2_support import tagged
+from tests.aws.ec2_support import NOTHING_TAGGED, tagged
 from tests.conftest import REPO_ROOT
 
 
@@ -59,13 +59,7 @@ def test_goose_on_ec2_from_create_to_destroy(moto: Moto, tmp_path: Path, monkeyp
 
     km("destroy", "goose", "--yes")
 
-    assert tagged(moto, sandbox_id) == {
-        "instances": [],
-        "volumes": [],
-        "security_groups": [],
-        "roles": [],
-        "instance_profiles": [],
-    }
+    assert tagged(moto, sandbox_id) == NOTHING_TAGGED
     assert "Item" not in moto.client("dynamodb").get_item(TableName="km-sandboxes", Key={"pk": {"S": f"sandbox#{sandbox_id}"}})
     assert moto.client("scheduler").list_schedules()["Schedules"] == []
     assert json.loads(km("list", "--json").stdout) == []

@@ -12,7 +12,7 @@ import pytest
 from controller.state.dynamodb import DynamoDBStateStore
 from tests.aws.commands import km
 from tests.aws.conftest import REGION, Moto
-from tests.aws.ec2_support import tagged
+from tests.aws.ec2_support import NOTHING_TAGGED, tagged
 
 
 def test_orphans_are_named_and_fixed(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,13 +34,7 @@ def test_orphans_are_named_and_fixed(moto: Moto, tmp_path: Path, monkeypatch: py
     fixed = km("doctor", "--ec2", "--fix")
 
     assert fixed.stdout.strip().endswith("7 leftover(s) found, 7 removed"), fixed.stdout
-    assert tagged(moto, sandbox_id) == {
-        "instances": [],
-        "volumes": [],
-        "security_groups": [],
-        "roles": [],
-        "instance_profiles": [],
-    }
+    assert tagged(moto, sandbox_id) == NOTHING_TAGGED
     assert moto.client("scheduler").list_schedules()["Schedules"] == []
     roles = {role["RoleName"] for role in moto.client("iam").list_roles()["Roles"]}
     assert {"km-ttl-handler", "km-ttl-scheduler"} <= roles  # km init's own are not sandboxes'

@@ -4,6 +4,7 @@ times and writes nothing), finished correctly after a crash at any step, and rem
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,7 @@ from tests.aws.ec2_support import (
     BUCKET,
     EFS_ID,
     FAST,
+    NOTHING_TAGGED,
     PREFIX,
     SANDBOX_ID,
     aws_calls,
@@ -45,6 +47,28 @@ from tests.aws.ec2_support import (
 )
 
 STEPS = ["role", "instance profile", "security group", "instance", "data volume"]
+
+
+def create_steps(done: int) -> dict[str, Any]:
+    """The resource steps as a create runs them, stopped after `done` of them (a crash); what each made."""
+    goose = compiled()
+    tags, shape, config = sandbox_tags(goose), ec2_plan(goose.plan), operator_config()
+    vpc = find_vpc(REGION, config)
+    policy = render_iam_policy(goose.iam_policy, SANDBOX_ID, BUCKET)
+    made: dict[str, Any] = {"role": ensure_role(REGION, tags, policy, shape.role_session_seconds)}
+    if done >= 2:
+        made["instance profile"] = ensure_instance_profile(REGION, tags, tags.name)
+    if done >= 3:
+        made["security group"] = ensure_security_group(REGION, tags, vpc, shape.egress)
+    if done >= 4:
+        image = resolve_ami(REGION, shape.ami, shape.instance_type)
+        subnet = find_subnets(REGION, vpc, config)[0]
+        userdata = sandbox_userdata(goose.userdata, sandbox_identity(tags, REGION, vpc, BUCKET, config))
+        profile, group = made["instance profile"], made["security group"]
+        made["instance"] = ensure_instance(REGION, tags, shape, image, subnet.subnet_id, group, profile, userdata, BUCKET, FAST)
+    if done >= 5:
+        made["data volume"] = ensure_data_volume(REGION, tags, made["instance"], shape.data_volumes[0], FAST)
+    return made
 
 
 def converge() -> SandboxResources:
@@ -119,25 +143,7 @@ def test_a_second_run_reads_five_times_and_writes_nothing(moto: Moto) -> None:
 @pytest.mark.parametrize("done", range(1, len(STEPS) + 1), ids=[f"crash-after-{step.replace(' ', '-')}" for step in STEPS])
 def test_a_run_after_a_crash_finishes_with_one_of_everything(moto: Moto, done: int) -> None:
     make_bucket(moto)
-    goose = compiled()
-    tags = sandbox_tags(goose)
-    shape = ec2_plan(goose.plan)
-    config = operator_config()
-    vpc = find_vpc(REGION, config)
-    policy = render_iam_policy(goose.iam_policy, SANDBOX_ID, BUCKET)
-    # The steps as a create would run them, stopped after `done` of them.
-    role_arn = ensure_role(REGION, tags, policy, shape.role_session_seconds)
-    if done >= 2:
-        profile_arn = ensure_instance_profile(REGION, tags, tags.name)
-    if done >= 3:
-        group_id = ensure_security_group(REGION, tags, vpc, shape.egress)
-    if done >= 4:
-        image = resolve_ami(REGION, shape.ami, shape.instance_type)
-        subnet = find_subnets(REGION, vpc, config)[0]
-        userdata = sandbox_userdata(goose.userdata, sandbox_identity(tags, REGION, vpc, BUCKET, config))
-        instance = ensure_instance(REGION, tags, shape, image, subnet.subnet_id, group_id, profile_arn, userdata, BUCKET, FAST)
-    if done >= 5:
-        volume_id = ensure_data_volume(REGION, tags, instance, shape.data_volumes[0], FAST)
+    partial = create_steps(done)
 
     made = converge()
 
@@ -149,12 +155,12 @@ def test_a_run_after_a_crash_finishes_with_one_of_everything(moto: Moto, done: i
         "roles": 1,
         "instance_profiles": 1,
     }
-    assert made.role_arn == role_arn
+    assert made.role_arn == partial["role"]
     assert made.launched == (done < 4)
     if done >= 3:
-        assert made.security_group_id == group_id
+        assert made.security_group_id == partial["security group"]
     if done >= 5:
-        assert made.data_volume_ids == (volume_id,)
+        assert made.data_volume_ids == (partial["data volume"],)
     attached = only_instance(moto)["BlockDeviceMappings"]
     assert [m["DeviceName"] for m in attached].count("/dev/sdf") == 1
 
@@ -169,7 +175,7 @@ def test_teardown_leaves_nothing_and_can_run_again(moto: Moto) -> None:
     assert removed.volumes == made.data_volume_ids  # the root went with the instance
     assert removed.security_groups == (made.security_group_id,)
     assert removed.roles == removed.instance_profiles == (f"{PREFIX}-{SANDBOX_ID}",)
-    assert tagged(moto) == {"instances": [], "volumes": [], "security_groups": [], "roles": [], "instance_profiles": []}
+    assert tagged(moto) == NOTHING_TAGGED
     again = destroy_all(SANDBOX_ID, REGION, PREFIX, FAST)
     assert again.nothing
 
@@ -177,24 +183,11 @@ def test_teardown_leaves_nothing_and_can_run_again(moto: Moto) -> None:
 @pytest.mark.parametrize("done", range(1, len(STEPS)), ids=[f"after-{step.replace(' ', '-')}" for step in STEPS[:-1]])
 def test_teardown_after_a_partial_create(moto: Moto, done: int) -> None:
     make_bucket(moto)
-    goose = compiled()
-    tags = sandbox_tags(goose)
-    shape = ec2_plan(goose.plan)
-    config = operator_config()
-    vpc = find_vpc(REGION, config)
-    ensure_role(REGION, tags, render_iam_policy(goose.iam_policy, SANDBOX_ID, BUCKET), shape.role_session_seconds)
-    if done >= 2:
-        profile_arn = ensure_instance_profile(REGION, tags, tags.name)
-    if done >= 3:
-        group_id = ensure_security_group(REGION, tags, vpc, shape.egress)
-    if done >= 4:
-        image = resolve_ami(REGION, shape.ami, shape.instance_type)
-        subnet = find_subnets(REGION, vpc, config)[0]
-        ensure_instance(REGION, tags, shape, image, subnet.subnet_id, group_id, profile_arn, "#!/bin/bash\n", BUCKET, FAST)
+    create_steps(done)
 
     destroy_all(SANDBOX_ID, REGION, PREFIX, FAST)
 
-    assert tagged(moto) == {"instances": [], "volumes": [], "security_groups": [], "roles": [], "instance_profiles": []}
+    assert tagged(moto) == NOTHING_TAGGED
 
 
 def test_a_teardown_that_cannot_finish_still_removes_the_rest_and_says_what_is_left(moto: Moto) -> None:

@@ -17,6 +17,7 @@ from tests.aws.conftest import REGION, Moto
 from tests.aws.ec2_support import (
     BUCKET,
     FAST,
+    NOTHING_TAGGED,
     SANDBOX_ID,
     compiled,
     make_bucket,
@@ -59,7 +60,7 @@ def test_destroy_removes_every_resource_the_record_and_the_schedule(moto: Moto) 
     outcome = apply_ttl(event(), SETTINGS, now=NOW)
 
     assert outcome["done"] == "destroyed"
-    assert tagged(moto) == {"instances": [], "volumes": [], "security_groups": [], "roles": [], "instance_profiles": []}
+    assert tagged(moto) == NOTHING_TAGGED
     assert store.find_by_alias("goose") is None
     assert ttl_schedule_time("km", SANDBOX_ID, REGION) is None
 

@@ -31,7 +31,7 @@ from controller.substrates.ec2.provision import ensure_sandbox
 from controller.substrates.ec2.tags import SandboxRef, SandboxTags
 from controller.substrates.ec2.teardown import destroy_all
 from controller.substrates.local.substrate import PlanInput, Progress, SubstrateError
-from controller.substrates.records import policy_changes, starting_record
+from controller.substrates.records import creator, creator_alive, policy_changes, starting_record
 
 CACHE_ENV = "KM_CACHE_DIR"
 
@@ -76,9 +76,7 @@ class Ec2Substrate:
 
     def finish_create(self, record: SandboxRecord, compiled: PlanInput, progress: Progress = lambda _: None) -> SandboxRecord:
         """Go on with a create that was killed: the same sandbox id, so what it made is found and kept."""
-        claimed = self.store.update(
-            record.sandbox_id, expected_status="starting", resources={**record.resources, "creator_pid": str(os.getpid())}
-        )
+        claimed = self.store.update(record.sandbox_id, expected_status="starting", resources={**record.resources, **creator()})
         progress(f"{record.sandbox_id}: finishing the interrupted create of {record.alias}")
         return self._provision(claimed, compiled, progress)
 
@@ -183,8 +181,7 @@ class Ec2Substrate:
         if result.returncode != 0:
             detail = result.stderr.strip() or result.stdout.strip()
             raise SubstrateError(f"updating {record.alias} ({record.sandbox_id}) in place failed: {detail}")
-        bucket = record.resources.get("bucket") or self.config.bucket(account_id(record.region), record.region)
-        self._save_applied_plan(record.region, bucket, record.sandbox_id, compiled.plan)
+        self._save_applied_plan(record.region, self._bucket(record), record.sandbox_id, compiled.plan)
         changes = policy_changes(record, compiled.plan)
         expiry = changes["ttl_expiry"]
         if isinstance(expiry, datetime):
@@ -198,7 +195,7 @@ class Ec2Substrate:
         """The live status; a `starting` record whose creator is gone is a create that was killed (even if
         its instance runs: later steps may be missing), which convergence finishes."""
         if record.status == "starting":
-            return "creating" if _process_alive(record.resources.get("creator_pid")) else "starting"
+            return "creating" if creator_alive(record) else "starting"
         if record.status in ("nocap", "failed", "destroying"):
             return record.status
         instance = find_instance(record.region, SandboxRef(record.sandbox_id, self._prefix(record)))
@@ -280,7 +277,7 @@ class Ec2Substrate:
     def _mirror(self, record: SandboxRecord, prefix: str) -> Path:
         """Download the objects under `prefix` not yet in the cache (files only ever appear whole)."""
         target = cache_root() / "artifacts" / prefix
-        bucket = record.resources.get("bucket") or self.config.bucket(account_id(record.region), record.region)
+        bucket = self._bucket(record)
         s3 = client("s3", record.region)
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
@@ -297,6 +294,10 @@ class Ec2Substrate:
         return target
 
     # ---- helpers --------------------------------------------------------------------------------
+    def _bucket(self, record: SandboxRecord) -> str:
+        """The artifacts bucket the sandbox was made with (the configured one for records that predate it)."""
+        return record.resources.get("bucket") or self.config.bucket(account_id(record.region), record.region)
+
     def _prefix(self, record: SandboxRecord) -> str:
         return record.resources.get("resource_prefix", self.prefix)
 
@@ -313,15 +314,3 @@ class Ec2Substrate:
     def _refuse_locked(self, record: SandboxRecord) -> None:
         if record.locked:
             raise SubstrateError(f"{record.alias} ({record.sandbox_id}) is locked; `km unlock {record.alias}` first")
-
-
-def _process_alive(pid_text: str | None) -> bool:
-    if not pid_text or not pid_text.isdigit():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -25,7 +25,7 @@ from controller.substrates.local import machine
 from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.machine import MachineError, MachineSpec
 from controller.substrates.local.network import MAX_SLOTS, SandboxNetwork
-from controller.substrates.records import policy_changes, starting_record
+from controller.substrates.records import creator_alive, policy_changes, starting_record
 from host_agent.paths import TMUX_SOCKET
 
 Progress = Callable[[str], None]
@@ -326,7 +326,7 @@ class LocalSubstrate:
         `creating` means another km process is creating it right now; a `starting` record whose
         creator is gone is a create that was killed, and convergence replaces it.
         """
-        if record.status == "starting" and _process_alive(_int(record.resources.get("creator_pid"))):
+        if record.status == "starting" and creator_alive(record):
             return "creating"
         launcher = host_launcher()
         running = launcher.is_running(_int(record.resources.get("nspawn_pid")), record.sandbox_id)
@@ -419,15 +419,6 @@ def _checked(argv: list[str], what: str) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SubstrateError(f"{what} failed: {result.stderr.strip() or result.stdout.strip()}")
-
-
-def _process_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        return b"km" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def _int(value: str | None) -> int | None:
