@@ -26,7 +26,7 @@ def test_a_sandbox_whose_record_was_lost_is_found_and_removed(local_env: Path, d
     report = km("doctor", "--local", "--json", check=False)
     assert report.returncode == 1
     kinds = {item["kind"] for item in json.loads(report.stdout)["found"] if item["sandbox_id"] in (sandbox_id, sandbox_id[-8:])}
-    assert kinds == {"process", "cgroup", "mount", "nat-rule", "veth", "netns", "directory"}
+    assert kinds == {"process", "cgroup", "mount", "nft-rule", "veth", "netns", "directory"}
 
     fixed = km("doctor", "--local", "--fix", "--json", check=False)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr

@@ -123,7 +123,7 @@ def test_doctor_finds_and_stops_the_unit_of_a_sandbox_whose_record_was_lost(host
     assert report.returncode == 1
     found = {item["kind"]: item["detail"] for item in json.loads(report.stdout)["found"]}
     assert found["unit"] == f"km-sandbox-{sandbox_id}.service"
-    assert set(found) == {"unit", "mount", "nat-rule", "veth", "netns", "directory"}  # the unit owns the process
+    assert set(found) == {"unit", "mount", "nft-rule", "veth", "netns", "directory"}  # the unit owns the process
 
     fixed = host.run([KM, "doctor", "--local", "--fix", "--json"])
     assert fixed.returncode == 0 and json.loads(fixed.stdout)["remaining"] == [], fixed.stdout + fixed.stderr

@@ -1,9 +1,9 @@
 """`km doctor --local`: find (and with --fix remove) what local sandboxes left on this host.
 
 Everything a local sandbox makes carries its id in its name: the network namespace `km-<id>`, the
-veth `kmv-<hex>`, the nftables rule commented `km:<id>`, the cgroups `km-nspawn-<id>` (or, on a host
-run by systemd, the unit `km-sandbox-<id>.service`), the overlay mount and the directory under the
-sandbox root. Anything of that shape whose id has no record in the
+veth `kmv-<hex>`, the nftables rules commented `km:<id>` (NAT and the link's filter rules), the cgroups
+`km-nspawn-<id>` (or, on a host run by systemd, the unit `km-sandbox-<id>.service`), the overlay mount
+and the directory under the sandbox root. Anything of that shape whose id has no record in the
 state store is an orphan: a killed create, a crashed km, a deleted state file.
 """
 
@@ -17,14 +17,14 @@ from pathlib import Path
 
 from controller.state import StateStore
 from controller.substrates.local import machine, systemd_launch
-from controller.substrates.local.network import NFT_TABLE, nat_rules
+from controller.substrates.local.network import km_rules
 
 _ID = r"[a-z][a-z0-9]{0,11}-[a-f0-9]{8}"
 
 
 @dataclass(frozen=True)
 class Leftover:
-    kind: str  # netns, veth, nat-rule, unit, cgroup, mount, directory, process
+    kind: str  # netns, veth, nft-rule, unit, cgroup, mount, directory, process
     sandbox_id: str
     detail: str
 
@@ -44,9 +44,9 @@ def find_leftovers(store: StateStore, sandbox_root: Path) -> list[Leftover]:
         match = re.fullmatch(r"kmv-([a-f0-9]{8})", name)
         if match and match.group(1) not in suffixes:
             found.append(Leftover("veth", match.group(1), name))
-    for handle, sandbox_id in nat_rules():
-        if sandbox_id not in known:
-            found.append(Leftover("nat-rule", sandbox_id, f"handle {handle}"))
+    for rule in km_rules():
+        if rule.sandbox_id not in known:
+            found.append(Leftover("nft-rule", rule.sandbox_id, rule.describe()))
     for hierarchy in (machine.CGROUP_HYBRID_UNIFIED, machine.CGROUP_HYBRID_SYSTEMD, machine.CGROUP_ROOT):
         for directory in sorted(hierarchy.glob("km-nspawn-*")) if hierarchy.is_dir() else []:
             sandbox_id = directory.name.removeprefix("km-nspawn-")
@@ -77,7 +77,7 @@ def find_leftovers(store: StateStore, sandbox_root: Path) -> list[Leftover]:
 
 def fix(leftovers: list[Leftover]) -> None:
     """Remove leftovers in dependency order: units and processes, cgroups, mounts, network, directories."""
-    order = ["unit", "process", "cgroup", "mount", "nat-rule", "veth", "netns", "directory"]
+    order = ["unit", "process", "cgroup", "mount", "nft-rule", "veth", "netns", "directory"]
     for item in sorted(leftovers, key=lambda leftover: order.index(leftover.kind)):
         if item.kind == "unit":
             systemd_launch.SystemdLauncher().stop(None, None, item.sandbox_id)
@@ -87,9 +87,8 @@ def fix(leftovers: list[Leftover]) -> None:
             machine.stop(None, None, item.sandbox_id, timeout=10)  # kills what is left in it and removes it
         elif item.kind == "mount":
             subprocess.run(["umount", "--lazy", item.detail], check=False)
-        elif item.kind == "nat-rule":
-            handle = item.detail.split()[-1]
-            subprocess.run(["nft", "delete", "rule", "ip", NFT_TABLE, "postrouting", "handle", handle], check=False)
+        elif item.kind == "nft-rule":  # detail: FAMILY TABLE CHAIN handle N
+            subprocess.run(["nft", "delete", "rule", *item.detail.split()], check=False)
         elif item.kind == "veth":
             subprocess.run(["ip", "link", "del", item.detail], check=False)
         elif item.kind == "netns":

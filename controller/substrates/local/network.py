@@ -1,22 +1,35 @@
-"""A local sandbox's network: its own namespace on a veth pair, a /30 of its own, NAT on the host.
+"""A local sandbox's network: its own namespace on a veth pair, an address block per family, NAT on the host.
 
-Addresses come from 10.213.0.0/16 in /30 blocks indexed by the sandbox's slot, so two sandboxes
-never share one. The host side routes and masquerades only that sandbox's address, with an nftables
-rule tagged with the sandbox id, so destroy removes exactly what create added. What the sandbox may
-reach is decided inside it, by the host agent's gate; the host only provides the path.
+Each sandbox's slot gives it a /30 of 10.213.0.0/16 and a /64 of km's ULA /48 (`addressing`); the host
+side of the veth is .1 and ::1 of them, the sandbox side .2 and ::2, with a default route in each family.
+The host masquerades the sandbox's addresses (NAT44 and NAT66) and lets only replies into its link
+(`host_rules`); every rule carries the sandbox id, so destroy removes exactly what create added. What the
+sandbox may reach is decided inside it, by the host agent's gate; the host only provides the path.
+
+Host-wide side effects of the first create: `net.ipv4.ip_forward=1` and, where the host has IPv6,
+`net.ipv6.conf.all.forwarding=1`, with every `accept_ra=1` turned into `accept_ra=2` first so that
+interfaces configured by router advertisements keep accepting them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-POOL = ipaddress.ip_network("10.213.0.0/16")
-MAX_SLOTS = POOL.num_addresses // 4 - 1
-NFT_TABLE = "km"
+from controller.substrates.local import host_rules
+from controller.substrates.local.addressing import MAX_SLOTS, POOL, SlotError, ipv4_block, ipv6_block
+
+__all__ = ["MAX_SLOTS", "NFT_TABLE", "POOL", "KmRule", "NetworkError", "SandboxNetwork", "allocation_lock", "km_rules"]
+
+NFT_TABLE = host_rules.TABLE
+IPV6_SYSCTL = Path("/proc/sys/net/ipv6")
+ALLOCATION_LOCK = Path("/run/km/network.lock")
 
 
 class NetworkError(Exception):
@@ -27,6 +40,7 @@ class NetworkError(Exception):
 class SandboxNetwork:
     sandbox_id: str
     slot: int
+    dns_upstream: str | None = None  # IP[:PORT] of the sandbox's resolver upstream, if not the host's resolv.conf
 
     @property
     def namespace(self) -> str:
@@ -38,9 +52,17 @@ class SandboxNetwork:
 
     @property
     def _block(self) -> ipaddress.IPv4Network:
-        if not 1 <= self.slot <= MAX_SLOTS:
-            raise NetworkError(f"network slot {self.slot} is outside 1..{MAX_SLOTS}")
-        return ipaddress.IPv4Network((int(POOL.network_address) + 4 * self.slot, 30))
+        try:
+            return ipv4_block(self.slot)
+        except SlotError as error:
+            raise NetworkError(str(error)) from None
+
+    @property
+    def _block6(self) -> ipaddress.IPv6Network:
+        try:
+            return ipv6_block(self.slot)
+        except SlotError as error:
+            raise NetworkError(str(error)) from None
 
     @property
     def host_address(self) -> str:
@@ -51,6 +73,14 @@ class SandboxNetwork:
         return str(self._block.network_address + 2)
 
     @property
+    def host_address6(self) -> str:
+        return str(self._block6.network_address + 1)
+
+    @property
+    def sandbox_address6(self) -> str:
+        return str(self._block6.network_address + 2)
+
+    @property
     def namespace_path(self) -> Path:
         return Path("/run/netns") / self.namespace
 
@@ -58,29 +88,42 @@ class SandboxNetwork:
         """Idempotent: an existing namespace from an interrupted create is replaced."""
         self.destroy()
         ns, host_if = self.namespace, self.host_interface
+        ipv6 = IPV6_SYSCTL.is_dir()
         _run(["ip", "netns", "add", ns])
+        if ipv6:  # a new namespace starts from the kernel's defaults; say it outright, eth0 inherits `default`
+            _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0",
+                  "net.ipv6.conf.default.disable_ipv6=0", "net.ipv6.conf.default.accept_ra=0"])  # fmt: skip
         _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns])
         _run(["ip", "addr", "add", f"{self.host_address}/30", "dev", host_if])
-        _run(["ip", "link", "set", host_if, "up"])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{self.sandbox_address}/30", "dev", "eth0"])
+        if ipv6:
+            # The host learns nothing from a sandbox's router advertisements; nodad: usable at once.
+            _write_sysctl(IPV6_SYSCTL / "conf" / host_if / "accept_ra", "0")
+            _write_sysctl(IPV6_SYSCTL / "conf" / host_if / "disable_ipv6", "0")
+            _run(["ip", "-6", "addr", "add", f"{self.host_address6}/64", "dev", host_if, "nodad"])
+            _run(["ip", "-n", ns, "-6", "addr", "add", f"{self.sandbox_address6}/64", "dev", "eth0", "nodad"])
+        _run(["ip", "link", "set", host_if, "up"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         _run(["ip", "-n", ns, "route", "add", "default", "via", self.host_address])
-        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-        _ensure_nat_table()
-        comment = f"km:{self.sandbox_id}"
-        _run(["nft", "add", "rule", "ip", NFT_TABLE, "postrouting", "ip", "saddr", self.sandbox_address,
-              "oifname", "!=", host_if, "masquerade", "comment", f'"{comment}"'])  # fmt: skip
+        if ipv6:
+            _run(["ip", "-n", ns, "-6", "route", "add", "default", "via", self.host_address6])
+        _enable_forwarding(ipv6)
+        rules = host_rules.link_rules(
+            host_if, self.sandbox_address, self.sandbox_address6 if ipv6 else None, _host_dns_upstreams(self.dns_upstream)
+        )
+        script = _legacy_nat_table() + host_rules.table_script()
+        script += "".join(rule.add_command(self.sandbox_id) + "\n" for rule in rules)
+        _run(["nft", "-f", "-"], stdin=script)  # one transaction: all of the link's rules or none
 
     def destroy(self) -> None:
-        """Remove the namespace, the veth and the NAT rule; absent pieces are fine."""
-        for handle in (handle for handle, owner in nat_rules() if owner == self.sandbox_id):
-            deleted = subprocess.run(
-                ["nft", "delete", "rule", "ip", NFT_TABLE, "postrouting", "handle", str(handle)], capture_output=True, text=True
-            )
+        """Remove the namespace, the veth and the host rules; absent pieces are fine."""
+        for rule in (rule for rule in km_rules() if rule.sandbox_id == self.sandbox_id):
+            deleted = subprocess.run(["nft", "delete", "rule", *rule.location, "handle", str(rule.handle)],
+                                     capture_output=True, text=True)  # fmt: skip
             # Another km process (the reaper, a second destroy) may have deleted it since we listed it.
-            if deleted.returncode != 0 and handle in {found for found, _ in nat_rules()}:
-                raise NetworkError(f"deleting NAT rule {handle} of {self.sandbox_id} failed: {deleted.stderr.strip()}")
+            if deleted.returncode != 0 and rule in km_rules():
+                raise NetworkError(f"deleting host rule {rule.describe()} of {self.sandbox_id} failed: {deleted.stderr.strip()}")
         subprocess.run(["ip", "link", "del", self.host_interface], capture_output=True, check=False)
         if self.namespace_path.exists():
             _run(["ip", "netns", "del", self.namespace])
@@ -89,23 +132,105 @@ class SandboxNetwork:
         return self.namespace_path.exists()
 
 
-def _ensure_nat_table() -> None:
-    script = (
-        f"table ip {NFT_TABLE} {{\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n }}\n}}\n"
-    )
-    _run(["nft", "-f", "-"], stdin=script)
+@contextmanager
+def allocation_lock() -> Iterator[None]:
+    """Held from choosing a slot until its addresses are on the host, by every km on this host.
+
+    The host's addresses are the claim other state directories see; without the lock two creates could
+    both see a block free and both add it (Linux lets two links carry one address).
+    """
+    ALLOCATION_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with ALLOCATION_LOCK.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def nat_rules() -> list[tuple[int, str]]:
-    """(handle, sandbox id) of every km masquerade rule; none when the table does not exist yet."""
-    result = subprocess.run(["nft", "-j", "-a", "list", "chain", "ip", NFT_TABLE, "postrouting"], capture_output=True, text=True)
-    if result.returncode != 0:
-        return []
+def _legacy_nat_table() -> str:
+    family, table, chain = host_rules.LEGACY_NAT
+    return f"table {family} {table} {{\n chain {chain} {{\n  {host_rules.CHAINS['postrouting']}\n }}\n}}\n"
+
+
+def _enable_forwarding(ipv6: bool) -> None:
+    _write_sysctl(Path("/proc/sys/net/ipv4/ip_forward"), "1")
+    forwarding = IPV6_SYSCTL / "conf" / "all" / "forwarding"
+    if not ipv6 or forwarding.read_text().strip() == "1":
+        return
+    current = {}
+    for entry in (IPV6_SYSCTL / "conf").iterdir():
+        try:
+            current[entry.name] = int((entry / "accept_ra").read_text())
+        except (OSError, ValueError):
+            continue  # an interface that went away while we looked
+    for name, value in host_rules.accept_ra_fixes(current).items():
+        try:
+            _write_sysctl(IPV6_SYSCTL / "conf" / name / "accept_ra", str(value))
+        except OSError:
+            continue
+    _write_sysctl(forwarding, "1")
+
+
+def _write_sysctl(path: Path, value: str) -> None:
+    path.write_text(f"{value}\n")
+
+
+def _host_dns_upstreams(configured: str | None) -> list[tuple[str, int]]:
+    """The sandbox resolver's upstream, when it is one of this host's own addresses (the input chain lets DNS to it in).
+
+    The sandbox forwards to `configured` (KM_LOCAL_DNS_UPSTREAM) or else to the first nameserver of the
+    host's resolv.conf, which nspawn copies in (`--resolv-conf=copy-host`).
+    """
+    try:
+        resolv_conf = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        resolv_conf = ""
+    upstream = host_rules.sandbox_dns_upstream(configured, resolv_conf)
+    return host_rules.host_dns_upstreams([upstream] if upstream else [], _host_addresses())
+
+
+def _host_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    result = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=False)
+    links = json.loads(result.stdout or "[]") if result.returncode == 0 else []
+    return [
+        ipaddress.ip_address(info["local"].split("%")[0])
+        for link in links
+        for info in link.get("addr_info", [])
+        if info.get("local")
+    ]
+
+
+@dataclass(frozen=True)
+class KmRule:
+    """One nftables rule km added for a sandbox, where it lives and its handle."""
+
+    family: str
+    table: str
+    chain: str
+    handle: int
+    sandbox_id: str
+
+    @property
+    def location(self) -> list[str]:
+        return [self.family, self.table, self.chain]
+
+    def describe(self) -> str:
+        return f"{self.family} {self.table} {self.chain} handle {self.handle}"
+
+
+def km_rules() -> list[KmRule]:
+    """Every rule commented `km:<id>` in km's tables (`ip km` and `inet km`); none when they do not exist yet."""
     rules = []
-    for item in json.loads(result.stdout).get("nftables", []):
-        comment = item.get("rule", {}).get("comment", "")
-        if comment.startswith("km:"):
-            rules.append((int(item["rule"]["handle"]), comment.removeprefix("km:")))
+    for family in ("ip", host_rules.FAMILY):
+        result = subprocess.run(["nft", "-j", "-a", "list", "table", family, NFT_TABLE], capture_output=True, text=True)
+        if result.returncode != 0:
+            continue
+        for item in json.loads(result.stdout).get("nftables", []):
+            rule = item.get("rule", {})
+            comment = rule.get("comment", "")
+            if comment.startswith("km:"):
+                rules.append(KmRule(family, rule["table"], rule["chain"], int(rule["handle"]), comment.removeprefix("km:")))
     return rules
 
 

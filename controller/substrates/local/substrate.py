@@ -22,9 +22,10 @@ from controller.images.recipe import recipe_names
 from controller.images.store import Image, ImageStore
 from controller.state import SandboxRecord, StateStore
 from controller.substrates.local import machine
+from controller.substrates.local.addressing import POOL, POOL6, choose_slot, observe_networks_in_use
 from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.machine import MachineError, MachineSpec
-from controller.substrates.local.network import MAX_SLOTS, SandboxNetwork
+from controller.substrates.local.network import SandboxNetwork, allocation_lock
 from controller.substrates.records import creator_alive, policy_changes, starting_record
 from host_agent.paths import TMUX_SOCKET
 
@@ -88,11 +89,9 @@ class LocalSubstrate:
             avoid_numbers,
         )
         sandbox_id = record.sandbox_id
-        # The list number is unique among live sandboxes and assigned under the store's lock: use it as
-        # the network slot, so concurrent creates can never pick the same addresses.
-        record = self.store.update(sandbox_id, resources={**record.resources, "slot": str(self._slot_for(record))})
         progress(f"{sandbox_id}: created record for alias {alias}")
         try:
+            record = self._claim_network(record)
             return self._build(record, compiled, image.rootfs, progress)
         except BaseException as error:
             progress(f"{sandbox_id}: create failed, removing what was made")
@@ -106,7 +105,6 @@ class LocalSubstrate:
         plan = compiled.plan
         spec = self.machine_spec(record, image_rootfs)
         spec.directory.mkdir(parents=True, exist_ok=True)
-        spec.network.create()
         machine.mount_rootfs(spec)
         self._prepare_volumes(record)
         self._write_first_boot_files(spec, record, compiled)
@@ -169,7 +167,7 @@ class LocalSubstrate:
             hostname=record.alias,
             image_rootfs=image_rootfs,
             directory=directory,
-            network=SandboxNetwork(record.sandbox_id, int(record.resources["slot"])),
+            network=self._network(record),
             binds=tuple(self._binds(record)),
         )
 
@@ -257,10 +255,33 @@ class LocalSubstrate:
         found = bake(ami, self.images, progress=lambda message: progress(f"{message} (first time only)"))[0]
         return found
 
-    def _slot_for(self, record: SandboxRecord) -> int:
-        if record.number is None or not 1 <= record.number <= MAX_SLOTS:
-            raise SubstrateError(f"no network slot for list number {record.number}: at most {MAX_SLOTS} local sandboxes")
-        return record.number
+    def _claim_network(self, record: SandboxRecord) -> SandboxRecord:
+        """Pick the sandbox's network slot and put its addresses on the host, under the host-wide lock.
+
+        The list number is the preferred slot (unique among this store's sandboxes); any slot whose /30
+        or /64 is already addressed or routed on the host is skipped, whichever km (or anything else)
+        put it there, and so are slots this store's other sandboxes hold while their network is down.
+        """
+        with allocation_lock():
+            reserved = {
+                int(other.resources["slot"])
+                for other in self.store.list()
+                if other.substrate == "local" and other.sandbox_id != record.sandbox_id and "slot" in other.resources
+            }
+            preferred = _int(record.resources.get("slot")) or record.number
+            slot = choose_slot(preferred, observe_networks_in_use(), reserved)
+            if slot is None:
+                raise SubstrateError(
+                    f"no free network slot for {record.sandbox_id}: every block of {POOL} (and {POOL6}) is in use on "
+                    "this host; destroy sandboxes or run `km doctor --local --fix`"
+                )
+            if record.resources.get("slot") != str(slot):
+                record = self.store.update(record.sandbox_id, resources={**record.resources, "slot": str(slot)})
+            self._network(record).create()
+        return record
+
+    def _network(self, record: SandboxRecord) -> SandboxNetwork:
+        return SandboxNetwork(record.sandbox_id, int(record.resources["slot"]), os.environ.get(DNS_UPSTREAM_ENV))
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def destroy(self, record: SandboxRecord, force: bool = False) -> None:
@@ -298,9 +319,9 @@ class LocalSubstrate:
         if status == "paused":
             host_launcher().thaw(record.sandbox_id)
             return self.store.update(record.sandbox_id, status="running")
+        if not self._network(record).exists():
+            record = self._claim_network(record)  # its old block may have been taken since (a host reboot)
         spec = self.machine_spec(record)
-        if not spec.network.exists():
-            spec.network.create()
         machine.mount_rootfs(spec)
         self._prepare_volumes(record)
         nspawn_pid, leader_pid = host_launcher().boot(spec, BOOT_TIMEOUT_SECONDS, progress)
