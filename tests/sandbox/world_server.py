@@ -1,15 +1,16 @@
 """The fake internet's servers, run inside the test world's network namespace (stdlib + dnspython).
 
-`python -m tests.sandbox.world_server ZONE_JSON` serves, on every address of the namespace:
-DNS on 53 (UDP and TCP) from the zone, HTTP on 80 and HTTPS on 443 (`hello from <address it was reached
-on>`; the certificate is `cert.pem` beside the zone file, made by the caller), and a
-UDP echo on 7 (IPv4: sandboxes have no IPv6 route). It prints `ready` once every socket is bound, and counts DNS queries per name in
+`python -m tests.sandbox.world_server ZONE_JSON` serves, on every address of the namespace, IPv4 and
+IPv6: DNS on 53 (UDP and TCP) from the zone (A, AAAA and CNAME records), HTTP on 80 and HTTPS on 443
+(`hello from <address it was reached on>`; the certificate is `cert.pem` beside the zone file, made by
+the caller), and a UDP echo on 7. It prints `ready` once every socket is bound, and counts DNS queries per name in
 `queries.json` beside the zone file, so a test can prove a denied name never reached upstream.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import socketserver
 import ssl
 import sys
@@ -88,22 +89,48 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
+class _V6Only:
+    """An IPv6 twin of a server: a socket of its own (IPV6_V6ONLY), so IPv4 clients keep plain addresses."""
+
+    address_family: int = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # type: ignore[attr-defined]
+        super().server_bind()  # type: ignore[misc]
+
+
+class _UDPServer6(_V6Only, _UDPServer):
+    pass
+
+
+class _TCPServer6(_V6Only, _TCPServer):
+    pass
+
+
+class _HTTPServer6(_V6Only, ThreadingHTTPServer):
+    pass
+
+
 def main() -> int:
     zone = Zone(Path(sys.argv[1]))
-    servers: list[socketserver.BaseServer] = []
-    for port in (53, 7):
-        udp = _UDPServer(("0.0.0.0", port), _UDP)
-        udp.zone = zone  # type: ignore[attr-defined]
-        servers.append(udp)
-    dns_tcp = _TCPServer(("0.0.0.0", 53), _TCPDNS)
-    dns_tcp.zone = zone  # type: ignore[attr-defined]
-    servers.append(dns_tcp)
-    servers.append(ThreadingHTTPServer(("0.0.0.0", 80), _HTTP))
-    https = ThreadingHTTPServer(("0.0.0.0", 443), _HTTP)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(zone.queries_file.with_name("cert.pem"), zone.queries_file.with_name("key.pem"))
-    https.socket = context.wrap_socket(https.socket, server_side=True)
-    servers.append(https)
+    servers: list[socketserver.BaseServer] = []
+    for any_address, udp_class, tcp_class, http_class in (
+        ("0.0.0.0", _UDPServer, _TCPServer, ThreadingHTTPServer),
+        ("::", _UDPServer6, _TCPServer6, _HTTPServer6),
+    ):
+        for port in (53, 7):
+            udp = udp_class((any_address, port), _UDP)
+            udp.zone = zone  # type: ignore[attr-defined]
+            servers.append(udp)
+        dns_tcp = tcp_class((any_address, 53), _TCPDNS)
+        dns_tcp.zone = zone  # type: ignore[attr-defined]
+        servers.append(dns_tcp)
+        servers.append(http_class((any_address, 80), _HTTP))
+        https = http_class((any_address, 443), _HTTP)
+        https.socket = context.wrap_socket(https.socket, server_side=True)
+        servers.append(https)
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     print("ready", flush=True)

@@ -175,13 +175,13 @@ def test_policy_models_are_usable_on_their_own() -> None:
         (
             "# written by km create\n\nKM_SANDBOX_ID=gebpfgk-0a1b2c3d\nKM_ALIAS=goose\n"
             "KM_ARTIFACTS_URI=s3://km-artifacts-123/prefix\nKM_RESOURCE_PREFIX=kmtest\nKM_EFS_ID=fs-0123\n"
-            "KM_DNS_UPSTREAM=10.215.0.2:53\n",
+            "KM_DNS_UPSTREAM=198.19.0.2:53\n",
             {
                 "sandbox_id": "gebpfgk-0a1b2c3d",
                 "alias": "goose",
                 "artifacts_uri": "s3://km-artifacts-123/prefix",
                 "resource_prefix": "kmtest",
-                "dns_upstream": "10.215.0.2:53",
+                "dns_upstream": "198.19.0.2:53",
             },
         ),
         (
