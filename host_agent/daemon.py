@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from host_agent.capture.component import TlsCaptureComponent
     from host_agent.gatekeeper.component import Gatekeeper
     from host_agent.outbox import Outbox
+    from host_agent.readonly_bus import ReadOnlyBus
     from host_agent.telemetry.component import Observability
 
 log = logging.getLogger("km-host-agent")
@@ -75,6 +77,16 @@ class DaemonPaths:
     metric_export_interval_seconds: float = 60.0
 
 
+def start_operator_slice() -> None:
+    """Start (or keep) the slice `km shell --root` runs in; slices stay once started, so its cgroup, and
+    the id the gate exempts, do not change with each shell."""
+    from host_agent.containment import OPERATOR_SLICE
+
+    result = subprocess.run(["systemctl", "start", OPERATOR_SLICE], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        log.warning("could not start the operator slice", extra={"fields": {"error": result.stderr.strip()}})
+
+
 class Daemon:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -93,6 +105,7 @@ class Daemon:
         self._observability_thread: threading.Thread | None = None
         self.capture: TlsCaptureComponent | None = None
         self.capture_error: str | None = None
+        self.readonly_bus: ReadOnlyBus | None = None
 
     def run(self) -> int:
         try:
@@ -135,9 +148,16 @@ class Daemon:
     def _start_gate(self, config: HostAgentConfig, identity: SandboxIdentity) -> None:
         if self.paths.gate_cgroup is None:
             return
-        from host_agent.gatekeeper.component import Gatekeeper, cgroup2_root
+        from host_agent.gatekeeper.component import Gatekeeper, cgroup2_root, own_cgroup
 
-        root = cgroup2_root() if str(self.paths.gate_cgroup) == "auto" else self.paths.gate_cgroup
+        automatic = str(self.paths.gate_cgroup) == "auto"
+        root = cgroup2_root() if automatic else self.paths.gate_cgroup
+        if automatic:  # under the machine's own systemd: what the agent's units need (host_agent/containment.py)
+            start_operator_slice()
+            from host_agent.readonly_bus import ReadOnlyBus
+
+            self.readonly_bus = ReadOnlyBus()
+            self.readonly_bus.start()
         state = self.paths.state_dir
         self.gatekeeper = Gatekeeper(
             config,
@@ -146,6 +166,7 @@ class Daemon:
             learn_report=state / "learn-report.json",
             policy_record=state / "gate-policy.json",
             events=self.events,
+            daemon_cgroup=own_cgroup(root) if automatic else None,
         )
         self.gatekeeper.start()
 
@@ -222,6 +243,7 @@ class Daemon:
             ("control", self.control),
             ("capture", self.capture),
             ("gate", self.gatekeeper),
+            ("readonly_bus", self.readonly_bus),
             ("outbox", self.outbox),
             ("telemetry", self.observability),  # last: it exports what the others reported while stopping
         )
@@ -295,6 +317,7 @@ class Daemon:
             "active_runs": active,
             "outbox": self.outbox.stats() if self.outbox is not None else {"error": self.outbox_error},
             "gate": self.gatekeeper.status() if self.gatekeeper is not None else None,
+            "readonly_bus": self.readonly_bus.status() if self.readonly_bus is not None else None,
             "capture": self._capture_status(),
             "telemetry": (
                 self.observability.status()

@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 
 from controller.compiler.volumes import Volume
 from controller.profile import SandboxProfile
+from host_agent import containment
 from host_agent.config import HostAgentConfig
 from host_agent.paths import CONFIG_PATH, SANDBOX_ENV_PATH
 
@@ -119,8 +120,9 @@ def _write_file(path: str, mode: str, owner: str, content: str) -> str:
     return f"{command} <<'{delimiter}'\n{content}{delimiter}"
 
 
-# The daemon, and the tmux server its agent runs live in (started by the daemon on the first run).
-HOST_AGENT_UNITS = ("km-host-agent.service", "km-agent-tmux.service")
+# The daemon, the tmux server its agent runs live in (started by the daemon on the first run), and the
+# slice of the operator's root commands (started by the daemon, exempt from the gate).
+HOST_AGENT_UNITS = ("km-host-agent.service", "km-agent-tmux.service", containment.OPERATOR_SLICE)
 
 
 def host_agent_unit(name: str = "km-host-agent.service") -> str:
@@ -203,6 +205,91 @@ def _init_section(profile: SandboxProfile) -> list[str]:
     ]
 
 
+# systemd-resolved (Amazon Linux 2023, Ubuntu) and nscd answer any local user over D-Bus, varlink, the stub
+# on 127.0.0.53 and a shared cache, from outside the agent's units: a second resolver the policy does not
+# govern, and a cache that first boot may have filled with names the agent must not resolve. So both go
+# (masked: D-Bus and socket activation cannot bring them back), nsswitch stops asking resolved, and
+# /etc/resolv.conf becomes a plain file naming the real upstream: the one the substrate named
+# (KM_DNS_UPSTREAM) or else the one resolved learned (DHCP on EC2). The host agent forwards to it, the exempt
+# services use it directly, and every gated query to port 53 lands in the host agent's resolver anyway.
+# On an image without them every step finds nothing to do; a second run changes nothing.
+RESOLVED_UPLINK = "/run/systemd/resolve/resolv.conf"
+SECOND_RESOLVER_UNITS = (
+    "systemd-resolved.service",
+    "systemd-resolved-varlink.socket",  # systemd 257+ activates resolved's varlink API by socket
+    "systemd-resolved-monitor.socket",
+    "nscd.service",
+    "unscd.service",
+)
+_ONE_RESOLVER_FUNCTIONS = f"""\
+km_port53_nameserver() {{  # IP[:PORT], [IPv6]:PORT or IPv6: the address, if resolv.conf can name it (port 53)
+  case $1 in
+    \\[*\\]:53) local address=${{1#\\[}}; echo "${{address%\\]:53}}" ;;
+    \\[*) return 1 ;;
+    *:*:*) echo "$1" ;;
+    *:53) echo "${{1%:53}}" ;;
+    *:*) return 1 ;;
+    *) echo "$1" ;;
+  esac
+}}
+km_points_at_resolved() {{  # /etc/resolv.conf is resolved's (a link into /run/systemd/resolve, or its stub)
+  case "$(readlink /etc/resolv.conf || true)" in */systemd/resolve/*) return 0 ;; esac
+  grep -Eq '^[[:space:]]*nameserver[[:space:]]+127\\.0\\.0\\.5[34]([[:space:]]|$)' /etc/resolv.conf 2>/dev/null
+}}
+km_one_resolver() {{
+  local unit nameservers="" search=""
+  if km_points_at_resolved; then
+    # Read before resolved stops: its uplink file lives in /run and names what DHCP gave it.
+    if [ -n "${{KM_DNS_UPSTREAM:-}}" ]; then nameservers=$(km_port53_nameserver "$KM_DNS_UPSTREAM" || true); fi
+    if [ -r {RESOLVED_UPLINK} ]; then
+      [ -n "$nameservers" ] || nameservers=$(awk '$1 == "nameserver" && $2 !~ /^127\\.0\\.0\\.5[34]$/ {{print $2}}' {RESOLVED_UPLINK})
+      search=$(awk '$1 == "search" {{$1 = ""; print substr($0, 2); exit}}' {RESOLVED_UPLINK})
+    fi
+    if [ -z "$nameservers" ]; then
+      km_log 'dns: resolved knows no upstream server and KM_DNS_UPSTREAM names none on port 53'
+      return 1
+    fi
+  fi
+  for unit in {" ".join(SECOND_RESOLVER_UNITS)}; do
+    case "$(systemctl show -p LoadState --value "$unit" 2>/dev/null || true)" in
+      ""|not-found) continue ;;
+      masked) ;;
+      *) km_log "dns: masking $unit"; systemctl disable --quiet "$unit"; systemctl mask --quiet "$unit" ;;
+    esac
+    systemctl stop "$unit"
+  done
+  if grep -Eq '^hosts:.*[[:space:]]resolve([[:space:]]|$)' /etc/nsswitch.conf 2>/dev/null; then
+    km_log 'dns: nsswitch without resolve'
+    sed -E -i '/^hosts:/ s/[[:space:]]+resolve([[:space:]]*\\[[^]]*\\])?([[:space:]]|$)/\\2/g' /etc/nsswitch.conf
+  fi
+  if [ -n "$nameservers" ]; then
+    km_log "dns: /etc/resolv.conf names $(echo "$nameservers" | tr '\\n' ' ')"
+    {{
+      echo '# km: the upstream resolver, as a plain file; systemd-resolved is masked. Written at first boot.'
+      if [ -n "$search" ]; then echo "search $search"; fi
+      echo "$nameservers" | sed 's/^/nameserver /'
+    }} | km_write_file /etc/resolv.conf 0644 root:root
+  fi
+}}"""
+
+
+def _one_resolver_section() -> list[str]:
+    """Leave the host agent's resolver the only one in the sandbox (see _ONE_RESOLVER_FUNCTIONS). It runs
+    before initCommands, so nothing first boot resolves can wait in a cache the agent could ask later."""
+    return ["km_log 'dns: one resolver'", _ONE_RESOLVER_FUNCTIONS, "km_one_resolver"]
+
+
+def _containment_section() -> list[str]:
+    """The paths root in the agent's units must find read-only (host_agent/containment.py) must exist, or
+    there would be nothing to mount over and root could create them itself."""
+    made = " ".join(shlex.quote(path) for path in containment.MADE_AT_FIRST_BOOT)
+    return [
+        "km_log 'containment'",
+        f"mkdir -p {made}",
+        f"[ -e {containment.LD_PRELOAD_FILE} ] || : > {containment.LD_PRELOAD_FILE}",
+    ]
+
+
 def _host_agent_section(config: HostAgentConfig) -> list[str]:
     return [
         "km_log 'host agent'",
@@ -237,10 +324,12 @@ def _unit_update(name: str) -> list[str]:
 def render_userdata(profile: SandboxProfile, volumes: list[Volume], config: HostAgentConfig) -> str:
     sections = [
         _users_section(profile),
+        _one_resolver_section(),
         _environment_section(config),
         _volumes_section(volumes, profile.spec.runtime.region),
         _config_files_section(profile),
         _init_section(profile),
+        _containment_section(),
         _host_agent_section(config),
         ["echo ready > " + BOOT_STATUS_PATH, 'km_log "SANDBOX_READY sandbox_id=${KM_SANDBOX_ID:-unknown}"'],
     ]

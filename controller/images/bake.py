@@ -143,7 +143,7 @@ python3 -m venv --system-site-packages {HOST_AGENT_VENV}
 {HOST_AGENT_VENV}/bin/pip install -q --no-index --no-deps /tmp/km-wheels/km-*.whl
 ln -sfn {HOST_AGENT_VENV}/bin/km-host-agent /usr/local/bin/km-host-agent
 units=$(echo {HOST_AGENT_VENV}/lib/python3*/site-packages/host_agent/systemd)
-install -m 0644 $units/*.service $units/*.mount /etc/systemd/system/
+install -m 0644 $units/*.service $units/*.mount $units/*.slice /etc/systemd/system/
 systemctl enable km-host-agent.service
 km-host-agent --version
 rm -rf /tmp/km-wheels

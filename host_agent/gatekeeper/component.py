@@ -3,8 +3,10 @@ in the `proxy` and `both` enforcement modes, the L7 forwarder that TCP connectio
 
 The gate is attached at the machine's cgroup v2 root, not at the agent's slice: restarting a slice
 removes its directory and every program attached to it (measured), while the root lives as long as the
-machine. Everything under the root is gated except system.slice and init.scope, where the machine's
-own services run (this daemon, first boot, root shells); the agent cannot move itself there.
+machine. Everything under the root is gated, the machine's own services and PID 1 included, except
+this daemon's own cgroup, the operator's slice (`km shell --root`), first boot until it has finished,
+and on EC2 the few services the machine needs (host_agent/containment.py). Root in the agent's units
+cannot move a process into any of them: cgroupfs is read-only there and PID 1 starts no units for it.
 
 Fail closed: programs stay attached when the daemon exits, and DNS then goes to a resolver that is no
 longer there. A restarted daemon attaches fresh programs in place of the old ones (no gap) and takes
@@ -24,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from host_agent import containment
 from host_agent.config import HostAgentConfig, SandboxIdentity
 from host_agent.gatekeeper.allow_table import AllowTable
 from host_agent.gatekeeper.connections import open_remote_addresses
@@ -36,7 +39,10 @@ if TYPE_CHECKING:  # imported when a proxy mode needs it: asyncio and the forwar
     from host_agent.telemetry.buffered import BufferedEvents
 
 log = logging.getLogger("km-host-agent.gate")
-EXEMPT_CGROUPS = ("system.slice", "init.scope")
+# Where systemd puts a machine service's cgroup (units name no other slice).
+SERVICES_SLICE = "system.slice"
+# Written `ready` (or `failed …`) by userdata when first boot is over: then its unit is gated too.
+BOOT_STATUS = Path("/var/lib/km/boot-status")
 RESOLV_CONF = Path("/etc/resolv.conf")
 LEARN_REPORT = STATE_DIR / "learn-report.json"
 # The gate's maps live on a bpffs here, so a restarted daemon takes over what the sandbox had learned;
@@ -71,6 +77,34 @@ def is_bpffs(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool
     return False
 
 
+def own_cgroup(cgroup_root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")) -> Path | None:
+    """This process's cgroup v2 directory when it lies strictly below `cgroup_root` (never the root itself,
+    which would exempt everything)."""
+    for line in proc_cgroup.read_text().splitlines():
+        hierarchy, _, relative = line.split(":", 2)
+        if hierarchy == "0" and relative.strip("/"):
+            return cgroup_root / relative.strip("/")
+    return None
+
+
+def exempt_cgroups(cgroup_root: Path, substrate: str, *, first_boot_done: bool, daemon_cgroup: Path | None) -> list[Path]:
+    """The cgroups the gate leaves alone right now (only those that exist: ids are taken from directories)."""
+    wanted = [cgroup_root / containment.OPERATOR_SLICE]
+    if daemon_cgroup is not None:
+        wanted.append(daemon_cgroup)
+    wanted += [cgroup_root / SERVICES_SLICE / unit for unit in containment.exempt_unit_names(substrate, first_boot_done)]
+    return [path for path in dict.fromkeys(wanted) if path.is_dir()]
+
+
+def first_boot_finished(status_file: Path = BOOT_STATUS) -> bool:
+    """First boot has ended (successfully or not) once userdata wrote something other than `running`."""
+    try:
+        status = status_file.read_text().strip()
+    except OSError:
+        return False
+    return bool(status) and status != "running"
+
+
 def parse_upstream(text: str) -> tuple[str, int]:
     """`IP`, `IP:PORT`, `[IPv6]:PORT` or a bare IPv6 address."""
     text = text.strip()
@@ -83,12 +117,29 @@ def parse_upstream(text: str) -> tuple[str, int]:
     return str(ipaddress.ip_address(text)), 53
 
 
-def upstream_from_resolv_conf(path: Path = RESOLV_CONF) -> tuple[str, int]:
-    for line in path.read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            return parse_upstream(fields[1])
-    raise GateError(f"no nameserver in {path}: set KM_DNS_UPSTREAM in /etc/km/sandbox.env")
+# systemd-resolved's stub listeners, and the file where it lists the servers it forwards to.
+RESOLVED_STUBS = frozenset({"127.0.0.53", "127.0.0.54"})
+RESOLVED_UPLINK = Path("/run/systemd/resolve/resolv.conf")
+
+
+def upstream_from_resolv_conf(path: Path = RESOLV_CONF, resolved_uplink: Path = RESOLVED_UPLINK) -> tuple[str, int]:
+    """The first nameserver of resolv.conf, never resolved's stub: forwarding there would make resolved,
+    not this daemon, the sandbox's resolver. First boot masks resolved and writes its upstream into
+    resolv.conf; until then the upstream is the first server resolved itself forwards to."""
+    sources = [path]
+    while sources:
+        source = sources.pop(0)
+        try:
+            lines = source.read_text().splitlines()
+        except OSError:  # a link to resolved's stub file when resolved is not running
+            lines = ["nameserver 127.0.0.53"] if source == path and path.is_symlink() else []
+        for fields in (line.split() for line in lines):
+            if len(fields) >= 2 and fields[0] == "nameserver":
+                if fields[1] not in RESOLVED_STUBS:
+                    return parse_upstream(fields[1])
+                if source == path and resolved_uplink not in sources:
+                    sources.append(resolved_uplink)
+    raise GateError(f"no nameserver in {path} (systemd-resolved's stub does not count): set KM_DNS_UPSTREAM in /etc/km/sandbox.env")
 
 
 class Gatekeeper:
@@ -101,7 +152,10 @@ class Gatekeeper:
         pin_dir: Path | None = PIN_DIR,
         policy_record: Path = POLICY_RECORD,
         events: BufferedEvents | None = None,
+        boot_status: Path = BOOT_STATUS,
+        daemon_cgroup: Path | None = None,
     ):
+        """`daemon_cgroup`: this daemon's own cgroup, exempt (the daemon passes it; tests leave it out)."""
         self.config = config
         self.events = events  # telemetry: DNS answers and denials, when the daemon has it
         self.identity = identity
@@ -109,6 +163,9 @@ class Gatekeeper:
         self.learn_report = learn_report
         self.pin_dir = pin_dir
         self.policy_record = policy_record
+        self.boot_status = boot_status
+        self.daemon_cgroup = daemon_cgroup
+        self._exempt_ids: set[int] = set()
         self.decisions: Counter[str] = Counter()
         self.learned: dict[str, dict[str, Any]] = {}
         self._learn_dirty = False
@@ -124,7 +181,6 @@ class Gatekeeper:
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         from ebpf.gate import EgressGate
-        from ebpf.kernel_ids import cgroup_id
 
         egress = self.config.egress
         upstream = parse_upstream(self.identity.dns_upstream) if self.identity.dns_upstream else upstream_from_resolv_conf()
@@ -155,8 +211,7 @@ class Gatekeeper:
         if egress.enforcement != "ebpf":
             self._start_proxy()
         self.table.set_static(egress.allowed_cidrs)
-        exempt = [self.cgroup_root / name for name in EXEMPT_CGROUPS if (self.cgroup_root / name).is_dir()]
-        self.gate.set_exempt([cgroup_id(path) for path in exempt])
+        exempt = self._refresh_exempt()
         self.gate.attach(self.cgroup_root)
         threading.Thread(target=self._read_events, name="gate-events", daemon=True).start()
         log.info(
@@ -172,6 +227,29 @@ class Gatekeeper:
                 }
             },
         )
+
+    def _refresh_exempt(self) -> list[Path]:
+        """Write the exempt cgroups' ids to the gate when they changed; returns the exempt directories."""
+        from ebpf.kernel_ids import cgroup_id
+
+        exempt = exempt_cgroups(
+            self.cgroup_root,
+            self.config.substrate,
+            first_boot_done=first_boot_finished(self.boot_status),
+            daemon_cgroup=self.daemon_cgroup,
+        )
+        ids: set[int] = set()
+        for path in exempt:
+            try:
+                ids.add(cgroup_id(path))
+            except OSError:  # gone between the listing and the stat: not exempt, which is the safe side
+                continue
+        if ids != self._exempt_ids:
+            self.gate.set_exempt(ids)
+            if self._exempt_ids:
+                log.info("gate exemptions changed", extra={"fields": {"exempt": [str(path) for path in exempt]}})
+            self._exempt_ids = ids
+        return exempt
 
     def _usable_pin_dir(self) -> Path | None:
         """The bpffs directory for the maps (run-kmgate.mount); None, and maps that start empty, without it."""
@@ -259,7 +337,10 @@ class Gatekeeper:
         return self.policy
 
     def tick(self) -> None:
-        """Periodic work from the daemon's loop: expire learned addresses, write the learn report."""
+        """Periodic work from the daemon's loop: follow exempt units that restarted (a new cgroup has a new
+        id) and first boot ending, expire learned addresses, write the learn report."""
+        if self.gate is not None:
+            self._refresh_exempt()
         if self.table is not None:
             self.table.expire()
         if self._learn_dirty:

@@ -205,17 +205,17 @@ class AgentRuns:
         return fixed
 
     def _wrapper_alive(self, run: RunDir) -> bool:
+        """Whether the run's wrapper process still exists. The pid it recorded is a pid of the agent's own
+        PID namespace (host_agent/containment.py), so it is only a first guess here; otherwise the
+        wrapper is found by its command line, which names the run directory."""
+        marker = str(run.path).encode()
         try:
-            pid_text = run.read_text(RUNNER_PID)
+            pid_text = run.read_text(RUNNER_PID) or ""
         except OSError:
-            return False
-        if not pid_text or not pid_text.isdigit():
-            return False
-        try:
-            cmdline = Path(f"/proc/{pid_text}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return str(run.path).encode() in cmdline
+            pid_text = ""
+        if pid_text.isdigit() and marker in _command_line(pid_text):
+            return True
+        return any(marker in _command_line(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
 
     @staticmethod
     def _age_seconds(run: RunDir) -> float:
@@ -248,3 +248,10 @@ class AgentRuns:
         ):
             write_owned_file(run.path, name, content.encode(), user.uid, user.gid)
         log.warning("run ended unrecorded", extra={"fields": {"run_id": run.run_id, "status": status, "reason": reason}})
+
+
+def _command_line(pid: str) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []

@@ -23,14 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.substrates.local.network import SandboxNetwork
+from host_agent import containment
 
-AGENT_SLICE = "kmagent.slice"
-# What the agent slice's processes never get (the same lines are in km-agent-tmux.service): raw and
-# packet sockets would go around the egress gate, and these capabilities could detach it.
-AGENT_HARDENING = (
-    "CapabilityBoundingSet=~CAP_NET_RAW CAP_NET_ADMIN CAP_BPF CAP_PERFMON CAP_SYS_ADMIN",
-    "RestrictAddressFamilies=~AF_PACKET",
-)
 CGROUP_HYBRID_UNIFIED = Path("/sys/fs/cgroup/unified")
 CGROUP_HYBRID_SYSTEMD = Path("/sys/fs/cgroup/systemd")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -295,17 +289,22 @@ def run_inside(
     input_text: str | None = None,
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run argv as a transient unit of the machine's systemd, in the agent slice unless told otherwise."""
+    """Run argv as a transient unit of the machine's systemd: in the agent slice, as the sandbox user and
+    contained as agent runs are (host_agent/containment.py), or as `user` in the operator's slice."""
     command = ["nsenter", "-t", str(leader_pid), "-a", "systemd-run", "--quiet", "--collect", "--wait"]
     command.append("--pty" if tty else "--pipe")
-    if user:
-        command.append(f"--uid={user}")
-    if in_agent_slice:
-        command.append(f"--slice={AGENT_SLICE}")
-        command += [f"--property={setting}" for setting in AGENT_HARDENING]
     if working_dir:
         command.append(f"--working-directory={working_dir}")
-    command += ["--", *argv]
+    if in_agent_slice:
+        # Started as root so the unit's filters need no no_new_privs (sudo works), then the sandbox user.
+        command.append(f"--slice={containment.AGENT_SLICE}")
+        command += [f"--property={setting}" for setting in containment.agent_unit_properties()]
+        command += ["--", *containment.as_agent(argv)]
+    else:
+        command.append(f"--slice={containment.OPERATOR_SLICE}")
+        if user:
+            command.append(f"--uid={user}")
+        command += ["--", *argv]
     return subprocess.run(command, input=input_text, capture_output=capture, text=True, timeout=timeout, check=False)
 
 

@@ -24,6 +24,7 @@ from controller.state import SandboxRecord, StateStore, default_state_path
 from controller.substrates.local import machine
 from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.substrate import LocalSubstrate
+from host_agent import containment
 
 Log = Callable[[str], None]
 INTERVAL_SECONDS = 5.0
@@ -45,7 +46,7 @@ def agent_slice_busy(sandbox_id: str) -> bool:
     except machine.MachineError:
         return False
     for directory, subdirectories, _files in os.walk(unified):
-        if Path(directory).name != machine.AGENT_SLICE:
+        if Path(directory).name != containment.AGENT_SLICE:
             continue
         subdirectories.clear()  # what is below the slice is read here, not walked
         for unit in Path(directory).iterdir() if Path(directory).is_dir() else ():
