@@ -4,7 +4,9 @@
  * with an exempt cgroup among their ancestors. DNS (port 53, any address) goes to the sandbox's
  * resolver instead, and UDP replies get their original source back so clients accept them. In the
  * proxy enforcement modes, TCP connects go to the sandbox's L7 forwarder, which is told where each
- * connection was going (sock_ops) and checks the name the client sends (Host/SNI).
+ * connection was going (sock_ops) and checks the name the client sends (Host/SNI). Only TCP and UDP
+ * sockets may be created (sock_create), and the daemon's in-sandbox ports may not be bound (bind), so
+ * nothing leaves by a protocol the address hooks never see and nothing stands in for the daemon's servers.
  *
  * Compiled ahead of time with clang into a BPF object that libbpf loads (ebpf/objects.py). Only uapi
  * structures (bpf_sock_addr, bpf_sock_ops) are read, never kernel-internal ones, so the object needs
@@ -18,6 +20,9 @@
 #define GATE_IPPROTO_TCP 6
 #define GATE_IPPROTO_UDP 17
 #define GATE_DNS_PORT 53
+#define GATE_SOCK_STREAM 1
+#define GATE_SOCK_DGRAM 2
+#define GATE_DAEMON_PORTS 4
 #define GATE_MAX_ANCESTOR_LEVELS 16
 
 #define GATE_MODE_ENFORCE 0
@@ -38,13 +43,20 @@
 #define VERDICT_REDIRECT 3
 #define VERDICT_PROXY 4
 
+/* Which hook decided: an address (connect or an unconnected send), a socket's creation, or a bind. */
+#define HOOK_CONNECT 0
+#define HOOK_SOCKET 1
+#define HOOK_BIND 2
+
 #define COUNTER_ALLOWED 0
 #define COUNTER_DENIED 1
 #define COUNTER_WOULD_DENY 2
 #define COUNTER_REDIRECTED 3
 #define COUNTER_EVENTS_DROPPED 4
 #define COUNTER_PROXIED 5
-#define COUNTER_SLOTS 6
+#define COUNTER_SOCKETS_DENIED 6
+#define COUNTER_BINDS_DENIED 7
+#define COUNTER_SLOTS 8
 
 /* Everything here is in network byte order exactly as bpf_sock_addr holds it (ports in the low 16 bits). */
 struct gate_config {
@@ -61,6 +73,7 @@ struct gate_config {
     __u32 proxy_port4;
     __u32 proxy_ip6[4];
     __u32 proxy_port6;
+    __u32 daemon_ports[GATE_DAEMON_PORTS]; /* only exempt tasks may bind these (0 = unused slot) */
     __u32 reserved;
 };
 
@@ -89,16 +102,18 @@ struct proxy_client {
 };
 
 /* 56 bytes, no implicit padding, addr 4-byte aligned (the verifier refuses misaligned stack stores):
- * the Python side unpacks it with struct format "=QIIHBBB3x16s16s". */
+ * the Python side unpacks it with struct format "=QIIHBBHBB16s16s". The protocol takes 16 bits
+ * because MPTCP's is 262. */
 struct gate_event {
     __u64 ts_ns;
     __u32 pid;
     __u32 uid;
     __u16 port; /* host order */
     __u8 family;
-    __u8 proto;
     __u8 verdict;
-    __u8 pad[3];
+    __u16 proto;
+    __u8 hook;
+    __u8 sock_type; /* HOOK_SOCKET only: SOCK_STREAM, SOCK_DGRAM, SOCK_RAW… */
     __u8 addr[16];
     char comm[16];
 };
@@ -210,16 +225,29 @@ static __always_inline __u32 task_pid(struct gate_config *cfg) {
     return bpf_get_current_pid_tgid() >> 32;
 }
 
-/* addr points at 4 (AF_INET) or 16 (AF_INET6) bytes in network order. */
-static __always_inline void emit(struct bpf_sock_addr *ctx, struct gate_config *cfg, __u8 verdict, __u32 family,
-                                 __u32 *addr, __u32 port) {
+/* The fields every event has: when, who, which hook and verdict. */
+static __always_inline void event_init(struct gate_event *event, struct gate_config *cfg, __u8 hook, __u8 verdict,
+                                       __u32 family, __u32 proto) {
+    event->ts_ns = bpf_ktime_get_ns();
+    event->pid = task_pid(cfg);
+    event->uid = (__u32)bpf_get_current_uid_gid();
+    event->family = (__u8)family;
+    event->proto = (__u16)proto;
+    event->hook = hook;
+    event->verdict = verdict;
+    bpf_get_current_comm(&event->comm, sizeof(event->comm));
+}
+
+static __always_inline void send_event(struct gate_event *event) {
+    if (bpf_ringbuf_output(&events, event, sizeof(*event), 0) != 0)
+        count(COUNTER_EVENTS_DROPPED);
+}
+
+/* An address hook's decision; addr points at 4 (AF_INET) or 16 (AF_INET6) bytes in network order. */
+static __always_inline void emit_hook(struct bpf_sock_addr *ctx, struct gate_config *cfg, __u8 hook, __u8 verdict,
+                                      __u32 family, __u32 *addr, __u32 port) {
     struct gate_event event = {};
-    event.ts_ns = bpf_ktime_get_ns();
-    event.pid = task_pid(cfg);
-    event.uid = (__u32)bpf_get_current_uid_gid();
-    event.family = (__u8)family;
-    event.proto = (__u8)ctx->protocol;
-    event.verdict = verdict;
+    event_init(&event, cfg, hook, verdict, family, ctx->protocol);
     event.port = port_to_host(port);
     __u32 *words = (__u32 *)event.addr;
     words[0] = addr[0];
@@ -228,9 +256,12 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, struct gate_config *
         words[2] = addr[2];
         words[3] = addr[3];
     }
-    bpf_get_current_comm(&event.comm, sizeof(event.comm));
-    if (bpf_ringbuf_output(&events, &event, sizeof(event), 0) != 0)
-        count(COUNTER_EVENTS_DROPPED);
+    send_event(&event);
+}
+
+static __always_inline void emit(struct bpf_sock_addr *ctx, struct gate_config *cfg, __u8 verdict, __u32 family,
+                                 __u32 *addr, __u32 port) {
+    emit_hook(ctx, cfg, HOOK_CONNECT, verdict, family, addr, port);
 }
 
 /* The allow map entry for an IPv4 address: 0 (none), ALLOW_LEARNED or ALLOW_STATIC. */
@@ -303,12 +334,16 @@ static __always_inline void remember(void *map, struct bpf_sock_addr *ctx, __u32
 }
 
 /* What the enforcement mode makes of a non-local destination whose allow entry is `entry`:
- * 1 pass directly, 0 refuse, 2 send to the forwarder (TCP connects only). */
+ * 1 pass directly, 0 refuse, 2 send to the forwarder (TCP connects only).
+ * In the proxy modes UDP (DNS aside, redirected before this) reaches allowedCIDRs only: an address learned
+ * from an allowed name may serve other names too (a CDN), and the forwarder cannot check QUIC's. */
 static __always_inline int route(struct gate_config *cfg, __u8 entry, int tcp_connect) {
-    if (cfg->mode == GATE_MODE_LOG || cfg->enforcement == GATE_ENFORCEMENT_EBPF || !tcp_connect)
+    if (cfg->enforcement == GATE_ENFORCEMENT_EBPF)
         return entry != 0;
-    if (entry == ALLOW_STATIC)
-        return 1;
+    if (!tcp_connect)
+        return entry == ALLOW_STATIC;
+    if (cfg->mode == GATE_MODE_LOG || entry == ALLOW_STATIC)
+        return entry != 0;
     if (cfg->enforcement == GATE_ENFORCEMENT_BOTH && entry == 0)
         return 0;
     return 2;
@@ -558,6 +593,72 @@ int gate_getpeername6(struct bpf_sock_addr *ctx) {
         ctx->user_port = origin->port;
     }
     return 1;
+}
+
+/* ---- sockets and binds ------------------------------------------------------------------------- */
+
+/* Only TCP and UDP over IPv4/IPv6 leave: raw, ICMP datagram, SCTP, MPTCP, UDP-Lite and SEQPACKET sockets
+ * would reach the network past the address hooks (which see TCP and UDP only), so they get EPERM in every
+ * mode. The kernel calls this hook only for AF_INET and AF_INET6 (AF_UNIX, AF_NETLINK, AF_PACKET and
+ * AF_VSOCK never reach it, measured on 6.18); other families are closed by the agent's units' seccomp
+ * filter. The protocol is already resolved here (socket(AF_INET, SOCK_STREAM, 0) shows as TCP). */
+SEC("cgroup/sock_create")
+int gate_sock_create(struct bpf_sock *sk) {
+    if (sk->family != GATE_AF_INET && sk->family != GATE_AF_INET6)
+        return 1;
+    if ((sk->type == GATE_SOCK_STREAM && sk->protocol == GATE_IPPROTO_TCP) ||
+        (sk->type == GATE_SOCK_DGRAM && sk->protocol == GATE_IPPROTO_UDP))
+        return 1;
+    if (task_is_exempt())
+        return 1;
+    struct gate_config *cfg = gate_config();
+    count(COUNTER_SOCKETS_DENIED);
+    if (cfg) {
+        struct gate_event event = {};
+        event_init(&event, cfg, HOOK_SOCKET, VERDICT_DENY, sk->family, sk->protocol);
+        event.sock_type = (__u8)sk->type;
+        send_event(&event);
+    }
+    return 0;
+}
+
+static __always_inline int is_daemon_port(struct gate_config *cfg, __u32 port) {
+#pragma unroll
+    for (int slot = 0; slot < GATE_DAEMON_PORTS; slot++) {
+        if (cfg->daemon_ports[slot] != 0 && cfg->daemon_ports[slot] == port)
+            return 1;
+    }
+    return 0;
+}
+
+/* The daemon's resolver, forwarder and telemetry ports belong to the daemon on every address: while it is
+ * down, an agent's server there would answer the DNS (or take the connections) of every other process. */
+static __always_inline int gate_bind(struct bpf_sock_addr *ctx, __u32 family, __u32 *addr) {
+    struct gate_config *cfg = gate_config();
+    if (!cfg)
+        return 0;
+    if (!is_daemon_port(cfg, ctx->user_port) || task_is_exempt())
+        return 1;
+    count(COUNTER_BINDS_DENIED);
+    emit_hook(ctx, cfg, HOOK_BIND, VERDICT_DENY, family, addr, ctx->user_port);
+    return 0;
+}
+
+SEC("cgroup/bind4")
+int gate_bind4(struct bpf_sock_addr *ctx) {
+    __u32 addr[4] = {};
+    addr[0] = ctx->user_ip4;
+    return gate_bind(ctx, GATE_AF_INET, addr);
+}
+
+SEC("cgroup/bind6")
+int gate_bind6(struct bpf_sock_addr *ctx) {
+    __u32 addr[4];
+    addr[0] = ctx->user_ip6[0];
+    addr[1] = ctx->user_ip6[1];
+    addr[2] = ctx->user_ip6[2];
+    addr[3] = ctx->user_ip6[3];
+    return gate_bind(ctx, GATE_AF_INET6, addr);
 }
 
 /* ---- the forwarder's side ------------------------------------------------------------------------ */

@@ -3,7 +3,8 @@
 The cgroup sock_addr programs decide every connect() and unconnected UDP send of the tasks under one
 cgroup v2 directory (except exempt cgroups): loopback and allowlisted addresses pass, DNS goes to the
 sandbox's resolver, in the proxy modes TCP goes to the sandbox's L7 forwarder, and everything else fails
-with EPERM (or, in log mode, passes and is reported).
+with EPERM (or, in log mode, passes and is reported). Sockets other than TCP and UDP cannot be created,
+and the daemon's own ports cannot be bound, in any mode.
 
 Attachment is legacy `BPF_PROG_ATTACH` without flags, on purpose: such programs stay attached when this
 process exits, so a crashed daemon leaves the sandbox closed, and a restarted daemon's attach replaces
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,22 +44,38 @@ _PROGRAMS = (
     "gate_getpeername4",
     "gate_getpeername6",
     "gate_sockops",
+    "gate_sock_create",
+    "gate_bind4",
+    "gate_bind6",
     "gate_sendmsg4",
     "gate_sendmsg6",
     "gate_connect4",
     "gate_connect6",
 )
 
-COUNTERS = ("allowed", "denied", "would_deny", "redirected", "events_dropped", "proxied")
+COUNTERS = (
+    "allowed",
+    "denied",
+    "would_deny",
+    "redirected",
+    "events_dropped",
+    "proxied",
+    "sockets_denied",
+    "binds_denied",
+)
 VERDICTS = ("allow", "deny", "would-deny", "redirect", "proxy")
-_PROTOCOLS = {6: "tcp", 17: "udp"}
+HOOKS = ("connect", "socket", "bind")
+_PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite", 255: "raw", 262: "mptcp"}
+_SOCKET_TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 6: "dccp", 10: "packet"}
 _FAMILIES = {2: 4, 10: 6}
+DAEMON_PORT_SLOTS = 4  # GATE_DAEMON_PORTS
 
 # struct gate_event in gate.bpf.c
-_EVENT = struct.Struct("=QIIHBBB3x16s16s")
+_EVENT = struct.Struct("=QIIHBBHBB16s16s")
 # struct gate_config: mode, audit_allows, resolver ip4/port4, resolver ip6[4]/port6, enforcement,
-# pidns dev/ino, proxy ip4/port4, proxy ip6[4]/port6, reserved.
-_CONFIG = struct.Struct("=II4sI16sIIQQ4sI16sII")
+# pidns dev/ino, proxy ip4/port4, proxy ip6[4]/port6, daemon_ports[4], reserved. Not pinned: a daemon
+# with another layout loads over old pins and writes its own config.
+_CONFIG = struct.Struct(f"=II4sI16sIIQQ4sI16sI{DAEMON_PORT_SLOTS}II")
 # struct origin: addr[4] (16 bytes), port (network order in the low 16 bits), family.
 _ORIGIN = struct.Struct("=16sII")
 _ALLOW_LEARNED, _ALLOW_STATIC = 1, 2
@@ -75,7 +93,9 @@ class GateEvent:
 
     `ts_ns` is CLOCK_MONOTONIC; `pid` is in the sandbox's pid namespace when the gate was given one and
     the task is in it, else the host pid; `family` is 4 or 6 (the socket's family: an AF_INET6 socket
-    reaching a v4-mapped address reports 6 with the IPv4 address as text).
+    reaching a v4-mapped address reports 6 with the IPv4 address as text). `hook` is `connect` (a
+    connect() or an unconnected send), `socket` (a socket of another protocol than TCP or UDP: no
+    address or port, `socket_type` says which kind) or `bind` (one of the daemon's ports).
     """
 
     ts_ns: int
@@ -87,11 +107,13 @@ class GateEvent:
     address: str
     port: int
     comm: str
+    hook: str = "connect"
+    socket_type: str = ""
 
 
 def parse_event(raw: bytes) -> GateEvent:
     """Decode one ring buffer record; kept pure so the layout is tested without a kernel."""
-    ts_ns, pid, uid, port, family, proto, verdict, address, comm = _EVENT.unpack(raw[: _EVENT.size])
+    ts_ns, pid, uid, port, family, verdict, proto, hook, socket_type, address, comm = _EVENT.unpack(raw[: _EVENT.size])
     text: str
     if family == 2:
         text = str(ipaddress.IPv4Address(address[:4]))
@@ -108,6 +130,8 @@ def parse_event(raw: bytes) -> GateEvent:
         address=text,
         port=port,
         comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+        hook=HOOKS[hook] if hook < len(HOOKS) else str(hook),
+        socket_type=_SOCKET_TYPES.get(socket_type, str(socket_type)) if socket_type else "",
     )
 
 
@@ -126,6 +150,12 @@ def allow_key(network: str) -> tuple[int, int, bytes]:
         if mapped is not None:
             return 4, parsed.prefixlen - 96, mapped.packed
     return parsed.version, parsed.prefixlen, parsed.network_address.packed
+
+
+def _mismatched_pin(error: str, pins: Iterable[Path]) -> Path | None:
+    """The existing pin libbpf says it could not reuse, if its message names one."""
+    found = re.search(r"couldn't reuse pinned map at '([^']+)'", error)
+    return next((pin for pin in pins if found and str(pin) == found.group(1) and pin.exists()), None)
 
 
 def _net_port(port: int) -> int:
@@ -155,6 +185,7 @@ class Endpoints:
     resolver_v6: tuple[str, int]
     proxy_v4: tuple[str, int] | None = None
     proxy_v6: tuple[str, int] | None = None
+    daemon_ports: tuple[int, ...] = ()
 
 
 class EgressGate:
@@ -172,12 +203,16 @@ class EgressGate:
         proxy_v4: tuple[str, int] | None = None,
         proxy_v6: tuple[str, int] | None = None,
         pin_dir: Path | None = None,
+        daemon_ports: Sequence[int] = (),
     ) -> None:
         """`pin_dir` (a directory on a bpffs): keep the maps there, and reuse those a previous loader left,
-        so a restarted daemon keeps what the sandbox had learned. Without it every load starts empty."""
+        so a restarted daemon keeps what the sandbox had learned. Without it every load starts empty.
+        `daemon_ports`: ports (TCP and UDP, any address) that only exempt tasks may bind, at most four."""
         if enforcement != "ebpf" and (proxy_v4 is None or proxy_v6 is None):
             raise GateError(f"enforcement {enforcement!r} needs the forwarder's addresses (proxy_v4, proxy_v6)")
-        self._endpoints = Endpoints(resolver_v4, resolver_v6, proxy_v4, proxy_v6)
+        if len(daemon_ports) > DAEMON_PORT_SLOTS or not all(0 < port < 65536 for port in daemon_ports):
+            raise GateError(f"daemon_ports takes up to {DAEMON_PORT_SLOTS} ports in 1..65535, not {list(daemon_ports)}")
+        self._endpoints = Endpoints(resolver_v4, resolver_v6, proxy_v4, proxy_v6, tuple(daemon_ports))
         self._settings = {
             "mode": _MODES[mode],
             "audit_allows": int(audit_allows),
@@ -206,18 +241,23 @@ class EgressGate:
             return libbpf.BpfObject(built)
         pins = {name: pin_dir / name for name in PINNED_MAPS}
         self.adopted = any(pin.exists() for pin in pins.values())
-        try:
-            return libbpf.BpfObject(built, pins)
-        except OSError as error:
-            if not self.adopted:
-                raise
-            # Maps of an older, incompatible layout: start empty rather than not at all (fail closed
-            # still holds: the old programs stay attached until the new ones replace them).
-            self.discarded = str(error)
-            for pin in pins.values():
-                pin.unlink(missing_ok=True)
-            self.adopted = False
-            return libbpf.BpfObject(built, pins)
+        discarded: list[str] = []
+        while True:
+            try:
+                return libbpf.BpfObject(built, pins)
+            except OSError as error:
+                if not any(pin.exists() for pin in pins.values()):
+                    raise
+                # A map of an older, incompatible layout (a counter added, say): that one starts empty, the
+                # others (what was learned) are kept. libbpf names one mismatch per attempt; an error naming
+                # none drops every pin. Fail closed still holds: the old programs stay attached until the
+                # new ones replace them. Each round removes at least one pin, so this ends.
+                mismatched = _mismatched_pin(str(error), pins.values())
+                for pin in [mismatched] if mismatched else pins.values():
+                    pin.unlink(missing_ok=True)
+                discarded.append(str(error))
+                self.discarded = "; ".join(discarded)
+                self.adopted = any(pin.exists() for pin in pins.values())
 
     def close(self) -> None:
         """Release this process's handles; attached programs stay attached (fail closed)."""
@@ -330,6 +370,8 @@ class EgressGate:
         proxy_ip4, proxy_port4 = _endpoint(*points.proxy_v4, family=4) if points.proxy_v4 else (bytes(4), 0)
         proxy_ip6, proxy_port6 = _endpoint(*points.proxy_v6, family=6) if points.proxy_v6 else (bytes(16), 0)
         settings = self._settings
+        daemon_ports = [_net_port(port) for port in points.daemon_ports]
+        daemon_ports += [0] * (DAEMON_PORT_SLOTS - len(daemon_ports))
         value = _CONFIG.pack(
             settings["mode"],
             settings["audit_allows"],
@@ -344,6 +386,7 @@ class EgressGate:
             proxy_port4,
             proxy_ip6,
             proxy_port6,
+            *daemon_ports,
             0,
         )
         self._maps["config"].update(struct.pack("=I", 0), value)

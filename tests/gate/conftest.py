@@ -1,7 +1,7 @@
 """A bare harness for the egress gate: a cgroup v2 directory per test, a veth pair into a network namespace
 with servers on known addresses, a resolver stand-in on loopback, and gated child processes.
 
-Traffic only ever goes to 127.0.0.0/8, ::1 and the test's own veth subnet (10.77.0.0/24, fd77::/64).
+Traffic only ever goes to 127.0.0.0/8, ::1 and the test's own veth subnet (198.18.77.0/24, 2001:db8:77::/64).
 Everything created here is removed in teardown, also when a test fails.
 """
 
@@ -28,14 +28,14 @@ HERE = Path(__file__).resolve().parent
 SERVICE_PORT = 7777  # TCP and UDP echo on every netns address
 DNS_PORT = 53  # the netns servers answer here too, so an un-redirected query is recognisable
 
-HOST_V4, HOST_V6 = "10.77.0.1", "fd77::1"
-ALLOWED_V4 = "10.77.0.2"
-DENIED_V4 = "10.77.0.3"
-IN_CIDR_V4 = "10.77.0.33"  # inside 10.77.0.32/28
-OUT_OF_CIDR_V4 = "10.77.0.50"
-ALLOWED_V6 = "fd77::2"
-DENIED_V6 = "fd77::3"
-NO_SERVER_V4, NO_SERVER_V6 = "10.77.0.9", "fd77::9"  # nothing answers there: only redirected DNS is sent "to" them
+HOST_V4, HOST_V6 = "198.18.77.1", "2001:db8:77::1"
+ALLOWED_V4 = "198.18.77.2"
+DENIED_V4 = "198.18.77.3"
+IN_CIDR_V4 = "198.18.77.33"  # inside 198.18.77.32/28
+OUT_OF_CIDR_V4 = "198.18.77.50"
+ALLOWED_V6 = "2001:db8:77::2"
+DENIED_V6 = "2001:db8:77::3"
+NO_SERVER_V4, NO_SERVER_V6 = "198.18.77.9", "2001:db8:77::9"  # nothing answers there: only redirected DNS is sent "to" them
 LAB_ADDRESSES = (ALLOWED_V4, DENIED_V4, IN_CIDR_V4, OUT_OF_CIDR_V4, ALLOWED_V6, DENIED_V6)
 
 
@@ -58,7 +58,7 @@ class Lab:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
-    """A network namespace behind a veth pair; its end holds the server addresses, ours 10.77.0.1 / fd77::1."""
+    """A network namespace behind a veth pair; its end holds the server addresses, ours 198.18.77.1 / 2001:db8:77::1."""
     tag = str(os.getpid())
     namespace, host_link, peer_link = f"kmgate-{tag}", f"kmg{tag}h", f"kmg{tag}p"
     server: subprocess.Popen[str] | None = None

@@ -86,7 +86,32 @@ def udp_connect(host: str, port: int, payload: str = "query") -> dict[str, Any]:
     return {"ok": True, "reply": data.decode(), "from": list(source[:2]), "elapsed": time.monotonic() - started}
 
 
+def open_socket(family: int, kind: int, proto: int) -> dict[str, Any]:
+    """Only create the socket: what the sock_create hook decides."""
+    started = time.monotonic()
+    try:
+        socket.socket(family, kind, proto).close()
+    except OSError as exc:
+        return failure(exc, started)
+    return {"ok": True, "elapsed": time.monotonic() - started}
+
+
+def bind(host: str, port: int, kind: str) -> dict[str, Any]:
+    """Bind a `tcp` or `udp` socket (and close it again): what the bind hooks decide."""
+    started = time.monotonic()
+    with socket.socket(family_of(host), socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM) as sock:
+        if ":" in host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return failure(exc, started)
+    return {"ok": True, "elapsed": time.monotonic() - started}
+
+
 OPERATIONS: dict[str, Callable[..., dict[str, Any]]] = {
+    "socket": open_socket,
+    "bind": bind,
     "tcp": tcp,
     "send": send,
     "udp_sendto": udp_sendto,

@@ -63,13 +63,13 @@ def test_allowed_address_connects_and_other_is_refused_at_once_with_an_event(
 
 def test_a_cidr_entry_allows_the_addresses_inside_it_only(make_gate: MakeGate, gate_cgroup: GateCgroup, spawn: Spawn) -> None:
     gate = make_gate()
-    gate.allow("10.77.0.32/28")
+    gate.allow("198.18.77.32/28")
     gate.attach(gate_cgroup.path)
     child = spawn()
 
     assert child.do("tcp", host=IN_CIDR_V4, port=SERVICE_PORT)["reply"] == f"{IN_CIDR_V4}|ping"
     assert child.do("tcp", host=OUT_OF_CIDR_V4, port=SERVICE_PORT)["error"] == "EPERM"
-    assert gate.entries() == ["10.77.0.32/28"]
+    assert gate.entries() == ["198.18.77.32/28"]
 
 
 def test_udp_sendto_is_gated_like_connect(make_gate: MakeGate, gate_cgroup: GateCgroup, spawn: Spawn) -> None:
@@ -195,7 +195,8 @@ def test_exempt_cgroups_and_their_descendants_are_not_gated_or_redirected(
     gated = spawn()
     assert gated.do("tcp", host=DENIED_V4, port=SERVICE_PORT)["error"] == "EPERM"
     assert gated.do("udp_sendto", host=ALLOWED_V4, port=DNS_PORT)["reply"] == "answer|query"
-    assert gate.counters() == {"allowed": 0, "denied": 1, "would_deny": 0, "redirected": 1, "events_dropped": 0, "proxied": 0}
+    counters = {"allowed": 0, "denied": 1, "would_deny": 0, "redirected": 1, "events_dropped": 0, "proxied": 0}
+    assert gate.counters() == {**counters, "sockets_denied": 0, "binds_denied": 0}
 
 
 def test_revoke_refuses_new_connections_and_keeps_established_ones(
@@ -225,7 +226,7 @@ ATTACH_AND_EXIT = textwrap.dedent(
 )
 
 
-GATE_PROGRAMS = 9  # connect, sendmsg, recvmsg and getpeername for each family, plus sock_ops
+GATE_PROGRAMS = 12  # connect, sendmsg, recvmsg, getpeername and bind for each family, sock_create, sock_ops
 
 
 def attached_programs(cgroup: GateCgroup) -> Counter[str]:
@@ -316,7 +317,7 @@ def test_a_new_loader_adopts_the_pinned_maps_with_what_was_learned(
     first = make_gate(pin_dir=bpffs)
     assert not first.adopted
     first.allow(ALLOWED_V4)
-    first.allow("10.77.0.32/28", static=True)
+    first.allow("198.18.77.32/28", static=True)
     first.attach(gate_cgroup.path)
     first.close()  # the daemon exiting: programs stay attached, maps stay pinned
 
@@ -325,7 +326,7 @@ def test_a_new_loader_adopts_the_pinned_maps_with_what_was_learned(
     child = spawn()
 
     assert second.adopted
-    assert second.entries_by_kind() == {f"{ALLOWED_V4}/32": False, "10.77.0.32/28": True}
+    assert second.entries_by_kind() == {f"{ALLOWED_V4}/32": False, "198.18.77.32/28": True}
     assert child.do("tcp", host=ALLOWED_V4, port=SERVICE_PORT)["ok"]  # learned before the restart
     assert child.do("tcp", host=IN_CIDR_V4, port=SERVICE_PORT)["ok"]
     assert child.do("tcp", host=DENIED_V4, port=SERVICE_PORT)["error"] == "EPERM"

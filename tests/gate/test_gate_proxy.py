@@ -175,7 +175,7 @@ def test_allowed_cidrs_are_reached_directly_without_the_forwarder(
     proxied_gate: Callable[..., EgressGate], forwarder: Forwarder, spawn: Spawn
 ) -> None:
     gate = proxied_gate("both")
-    gate.allow("10.77.0.32/28", static=True)
+    gate.allow("198.18.77.32/28", static=True)
     child = spawn()
 
     result = child.do("tcp", host=IN_CIDR_V4, port=SERVICE_PORT, payload="not http at all")

@@ -123,7 +123,7 @@ def test_addresses_never_answered_stay_refused_in_every_spelling(wiring: Wiring,
     assert child.do("dns", host=NO_SERVER_V4, port=DNS_PORT, name="v6.allowed.test", qtype="AAAA")["addresses"] == [ALLOWED_V6]
     assert child.do("dns", host=NO_SERVER_V4, port=DNS_PORT, name="v4.allowed.test")["addresses"] == [ALLOWED_V4]
 
-    assert child.do("tcp", host=DENIED_V6, port=SERVICE_PORT)["error"] == "EPERM"  # fd77::3: a neighbour of fd77::2
+    assert child.do("tcp", host=DENIED_V6, port=SERVICE_PORT)["error"] == "EPERM"  # 2001:db8:77::3: a neighbour of 2001:db8:77::2
     assert child.do("tcp", host=f"::ffff:{DENIED_V4}", port=SERVICE_PORT)["error"] == "EPERM"
     assert child.do("udp_sendto", host=f"::ffff:{DENIED_V4}", port=SERVICE_PORT)["error"] == "EPERM"
     # the learned IPv4 address is reachable from an IPv6 socket too: one entry serves both spellings
