@@ -359,3 +359,19 @@ def test_pinned_maps_of_another_layout_are_replaced_by_empty_ones(make_gate: Mak
     assert gate.entries() == []
     gate.allow(ALLOWED_V4)
     assert make_gate(pin_dir=bpffs).entries() == [f"{ALLOWED_V4}/32"]  # the new maps are the pinned ones now
+
+
+def test_a_pinned_map_of_another_layout_is_dropped_alone_and_what_was_learned_is_kept(make_gate: MakeGate, bpffs: Path) -> None:
+    """A daemon adding a counter slot must not forget the sandbox's allow maps: only `counters` starts empty."""
+    first = make_gate(pin_dir=bpffs)
+    first.allow(ALLOWED_V4)
+    first.close()
+    (bpffs / "counters").unlink()
+    old_counters = ["type", "percpu_array", "key", "4", "value", "8", "entries", "6", "name", "counters"]
+    subprocess.run(["bpftool", "map", "create", str(bpffs / "counters"), *old_counters], check=True)
+
+    second = make_gate(pin_dir=bpffs)
+
+    assert second.adopted and second.discarded is not None and "counters" in second.discarded
+    assert second.entries() == [f"{ALLOWED_V4}/32"]
+    assert set(second.counters().values()) == {0}

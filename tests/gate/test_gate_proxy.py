@@ -191,6 +191,49 @@ def test_udp_is_never_proxied_and_stays_denied(proxied_gate: Callable[..., Egres
     assert child.do("udp_sendto", host=ALLOWED_V4, port=SERVICE_PORT)["error"] == "EPERM"
 
 
+@pytest.mark.parametrize("enforcement", ["proxy", "both"])
+def test_udp_reaches_allowed_cidrs_only_never_an_address_learned_from_a_name(
+    enforcement: str, proxied_gate: Callable[..., EgressGate], spawn: Spawn
+) -> None:
+    """QUIC to a CDN address carries any name; the forwarder sees no UDP, so in the proxy modes a learned
+    address is not enough (DNS is still redirected to the resolver)."""
+    gate = proxied_gate(enforcement)
+    gate.allow(ALLOWED_V4)
+    gate.allow(ALLOWED_V6)
+    gate.allow("198.18.77.32/28", static=True)
+    child = spawn()
+
+    assert child.do("udp_sendto", host=ALLOWED_V4, port=SERVICE_PORT)["error"] == "EPERM"
+    assert child.do("udp_connect", host=ALLOWED_V4, port=SERVICE_PORT)["error"] == "EPERM"
+    assert child.do("udp_sendto", host=ALLOWED_V6, port=SERVICE_PORT)["error"] == "EPERM"
+    assert child.do("udp_sendto", host=f"::ffff:{ALLOWED_V4}", port=SERVICE_PORT)["error"] == "EPERM"
+    assert child.do("udp_sendto", host=IN_CIDR_V4, port=SERVICE_PORT)["reply"] == f"{IN_CIDR_V4}|query"
+    assert child.do("udp_sendto", host=ALLOWED_V4, port=53)["reply"] == "answer|query"  # the resolver stand-in
+
+
+def test_in_learn_mode_udp_to_a_learned_address_is_reported_as_would_deny_in_the_proxy_modes(
+    make_gate: MakeGate, gate_cgroup: GateCgroup, forwarder: Forwarder, spawn: Spawn
+) -> None:
+    gate = make_gate(
+        mode="log", enforcement="both", proxy_v4=("127.0.0.1", forwarder.proxy.port), proxy_v6=("::1", forwarder.proxy.port)
+    )
+    gate.allow(ALLOWED_V4)
+    gate.attach(gate_cgroup.path)
+
+    assert spawn().do("udp_sendto", host=ALLOWED_V4, port=SERVICE_PORT)["reply"] == f"{ALLOWED_V4}|query"
+    assert gate.counters()["would_deny"] == 1
+
+
+def test_in_ebpf_enforcement_udp_still_reaches_learned_addresses(
+    make_gate: MakeGate, gate_cgroup: GateCgroup, spawn: Spawn
+) -> None:
+    gate = make_gate(enforcement="ebpf")
+    gate.allow(ALLOWED_V4)
+    gate.attach(gate_cgroup.path)
+
+    assert spawn().do("udp_sendto", host=ALLOWED_V4, port=SERVICE_PORT)["reply"] == f"{ALLOWED_V4}|query"
+
+
 def test_a_policy_reload_applies_to_the_next_connection(
     proxied_gate: Callable[..., EgressGate], forwarder: Forwarder, spawn: Spawn
 ) -> None:
