@@ -22,19 +22,20 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from host_agent import containment
 from host_agent.config import HostAgentConfig, SandboxIdentity
-from host_agent.gatekeeper.allow_table import AllowTable
+from host_agent.gatekeeper.allow_table import AllowTable, IPAddress, never_learned
 from host_agent.gatekeeper.connections import open_remote_addresses
 from host_agent.gatekeeper.names import NamePolicy
 from host_agent.gatekeeper.resolver import QueryRecord, Resolver
-from host_agent.paths import STATE_DIR
+from host_agent.paths import OTLP_RECEIVER_PORT, STATE_DIR
 
 if TYPE_CHECKING:  # imported when a proxy mode needs it: asyncio and the forwarder cost ~80 ms of start-up
+    from ebpf.gate import GateEvent
     from host_agent.gatekeeper.proxy import L7Proxy, ProxyDecision
     from host_agent.telemetry.buffered import BufferedEvents
 
@@ -53,6 +54,9 @@ POLICY_RECORD = STATE_DIR / "gate-policy.json"
 # forwarder bind, and the daemon holds them from boot, before any agent could take them.
 RESOLVER_PORT = 10053
 PROXY_PORT = 10080
+# DNS answers left closed for their range (DNS rebinding), kept to explain the denials that follow: the
+# most recent this many addresses.
+MAX_REFUSED_ANSWERS = 256
 
 
 class GateError(Exception):
@@ -168,6 +172,7 @@ class Gatekeeper:
         self._exempt_ids: set[int] = set()
         self.decisions: Counter[str] = Counter()
         self.learned: dict[str, dict[str, Any]] = {}
+        self.refused_answers: OrderedDict[str, dict[str, Any]] = OrderedDict()  # address -> name, range, denials
         self._learn_dirty = False
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -196,6 +201,7 @@ class Gatekeeper:
             proxy_v4=("127.0.0.1", PROXY_PORT),
             proxy_v6=("::1", PROXY_PORT),
             pin_dir=self._usable_pin_dir(),
+            daemon_ports=(RESOLVER_PORT, PROXY_PORT, OTLP_RECEIVER_PORT),  # nobody gated may stand in for them
         )
         self.table = AllowTable(self.gate, is_in_use=open_remote_addresses)
         self._adopt_pinned_entries()
@@ -282,8 +288,10 @@ class Gatekeeper:
         self._record_policy(fingerprint)
 
     def _policy_fingerprint(self) -> str:
+        """What learned entries depend on: the names, and the mode (learn mode learns every name's addresses)."""
         egress = self.config.egress
-        return json.dumps({"suffixes": sorted(egress.allowed_dns_suffixes), "hosts": sorted(egress.allowed_hosts)}) + "\n"
+        policy = {"suffixes": sorted(egress.allowed_dns_suffixes), "hosts": sorted(egress.allowed_hosts), "mode": egress.mode}
+        return json.dumps(policy) + "\n"
 
     def _record_policy(self, fingerprint: str) -> None:
         self.policy_record.parent.mkdir(parents=True, exist_ok=True)
@@ -292,19 +300,17 @@ class Gatekeeper:
         temporary.replace(self.policy_record)
 
     def reload(self, config: HostAgentConfig) -> None:
-        """A new allowlist takes effect for new lookups and connections; open connections stay up."""
+        """A new allowlist takes effect for new lookups and connections; open connections stay up.
+
+        Narrowing it, or leaving learn mode (which learned every name's addresses), revokes everything
+        learned, atomically with respect to queries in flight (AllowTable.clear_dynamic).
+        """
         old, new = self.config.egress, config.egress
         self.config = config
         assert self.resolver is not None and self.table is not None
+        resolver = self.resolver
         self.policy = NamePolicy.from_lists(new.allowed_dns_suffixes, new.allowed_hosts)
         self.table.set_static(new.allowed_cidrs)
-        narrowed = not set(old.allowed_dns_suffixes) <= set(new.allowed_dns_suffixes) or not set(old.allowed_hosts) <= set(
-            new.allowed_hosts
-        )
-        if narrowed:  # addresses learned through a name no longer allowed must not stay reachable
-            revoked = self.table.clear_dynamic()
-            log.info("allowlist narrowed; learned addresses revoked", extra={"fields": {"revoked": len(revoked)}})
-        self._record_policy(self._policy_fingerprint())
         if new.mode != old.mode:
             self.gate.set_mode(new.mode)
             self.gate.set_audit_allows(new.mode == "log")
@@ -312,7 +318,18 @@ class Gatekeeper:
             if new.enforcement != "ebpf":
                 self._start_proxy()  # listening before the gate sends anything there
             self.gate.set_enforcement(new.enforcement)
-        self.resolver.policy = self._resolver_policy()
+        narrowed = not set(old.allowed_dns_suffixes) <= set(new.allowed_dns_suffixes) or not set(old.allowed_hosts) <= set(
+            new.allowed_hosts
+        )
+        left_learn_mode = old.mode == "log" and new.mode != "log"
+        if narrowed or left_learn_mode:  # addresses learned through a name no longer allowed must not stay reachable
+            policy = self._resolver_policy()
+            revoked = self.table.clear_dynamic(lambda epoch: resolver.set_policy(policy, epoch))
+            reason = "learn mode ended" if left_learn_mode else "allowlist narrowed"
+            log.info(f"{reason}; learned addresses revoked", extra={"fields": {"revoked": len(revoked)}})
+        else:
+            resolver.policy = self._resolver_policy()
+        self._record_policy(self._policy_fingerprint())
 
     def _start_proxy(self) -> None:
         """The L7 forwarder the proxy modes send TCP to: it checks Host/SNI against the same allowlist."""
@@ -325,10 +342,15 @@ class Gatekeeper:
             policy=lambda: self.policy,
             original_destination=lambda family, port: self.gate.proxy_origin(int(family), port),
             resolve=upstream_resolve(self.upstream),
+            forbidden_target=self._forbidden_target,
             listen=(("127.0.0.1", PROXY_PORT), ("::1", PROXY_PORT)),
             on_decision=self._on_proxy_decision,
         )
         self.proxy.start()
+
+    def _forbidden_target(self, address: IPAddress) -> bool:
+        """Where the forwarder never connects for a name: where the resolver would not let the agent either."""
+        return never_learned(address) or (self.table is not None and self.table.unreachable_range(address) is not None)
 
     def _resolver_policy(self) -> NamePolicy:
         """Learn mode answers every name (so the report shows what the agent needs) and records the verdict."""
@@ -365,10 +387,18 @@ class Gatekeeper:
             "decisions": self.gate.counters() if self.gate is not None else {},
             "resolver": self.resolver.stats() if self.resolver is not None else {},
             "proxy": self.proxy.stats() if self.proxy is not None else None,
+            "refused_answers": self._refused_answers(),
         }
+
+    def _refused_answers(self) -> list[dict[str, Any]]:
+        """Answers an allowed name gave that were left closed (private, loopback… ranges), newest last."""
+        with self._lock:
+            return [dict(entry) for entry in self.refused_answers.values()]
 
     # ---- audit and learn mode ---------------------------------------------------------------------
     def _on_query(self, record: QueryRecord) -> None:
+        if record.refused:
+            self._remember_refused(record)
         allowed = self.policy.allows(record.name)
         denied = not allowed and record.rcode == "NXDOMAIN" and not record.allowed
         if not allowed:
@@ -385,7 +415,22 @@ class Gatekeeper:
                 entry["count"] += 1
                 entry["allowed"] = allowed
                 entry["addresses"] = sorted(set(entry.get("addresses", [])) | set(record.addresses))
+                if record.refused:
+                    refused = dict(entry.get("refused", {})) | {address: why for address, why in record.refused}
+                    entry["refused"] = {address: refused[address] for address in sorted(refused)}
                 self._learn_dirty = True
+
+    def _remember_refused(self, record: QueryRecord) -> None:
+        """Keep why these answers were not learned, so the denials they cause can say so (bounded)."""
+        for address, why in record.refused:
+            log.warning("dns answer not opened", extra={"fields": {"name": record.name, "address": address, "range": why}})
+        with self._lock:
+            for address, why in record.refused:
+                entry = self.refused_answers.pop(address, {"denied_connects": 0})
+                entry.update(address=address, name=record.name, reason=_refusal_text(why))
+                self.refused_answers[address] = entry
+            while len(self.refused_answers) > MAX_REFUSED_ANSWERS:
+                self.refused_answers.popitem(last=False)
 
     def _on_proxy_decision(self, decision: ProxyDecision) -> None:
         fields = {
@@ -410,35 +455,56 @@ class Gatekeeper:
                 time.sleep(1)
                 continue
             for event in events:
-                self.decisions[event.verdict] += 1
-                fields = {
-                    "verdict": event.verdict,
-                    "address": event.address,
-                    "port": event.port,
-                    "proto": event.proto,
-                    "pid": event.pid,
-                    "uid": event.uid,
-                    "comm": event.comm,
-                }
-                if event.verdict in ("deny", "would-deny"):
-                    log.warning(
-                        "egress denied" if event.verdict == "deny" else "egress would be denied", extra={"fields": fields}
-                    )
-                    if self.events is not None:
-                        self.events.gate(
-                            decision="denied" if event.verdict == "deny" else "would_deny",
-                            address=event.address,
-                            port=event.port,
-                            protocol=event.proto,
-                            pid=event.pid,
-                            process=event.comm,
-                        )
-                if self.config.egress.mode == "log":
-                    with self._lock:
-                        key = f"connect:{event.proto}:{event.address}:{event.port}"
-                        entry = self.learned.setdefault(key, {"kind": "connect", **fields, "count": 0})
-                        entry["count"] += 1
-                        self._learn_dirty = True
+                self._on_gate_event(event)
+
+    def _on_gate_event(self, event: GateEvent) -> None:
+        """Log and report one kernel decision; a denied connect to an answer left closed for its range says so."""
+        self.decisions[event.verdict] += 1
+        fields: dict[str, Any] = {
+            "verdict": event.verdict,
+            "address": event.address,
+            "port": event.port,
+            "proto": event.proto,
+            "pid": event.pid,
+            "uid": event.uid,
+            "comm": event.comm,
+        }
+        if event.hook != "connect":
+            fields["hook"] = event.hook
+        if event.socket_type:
+            fields["socket_type"] = event.socket_type
+        denied = event.verdict in ("deny", "would-deny")
+        if denied and event.hook == "connect":
+            with self._lock:
+                refused = self.refused_answers.get(event.address)
+                if refused is not None:
+                    refused["denied_connects"] += 1
+                    fields.update(reason=refused["reason"], name=refused["name"])
+        if denied:
+            if event.hook == "socket":
+                message = "socket of another protocol than TCP or UDP refused"
+            elif event.hook == "bind":
+                message = "bind of the daemon's port refused"
+            else:
+                message = "egress denied" if event.verdict == "deny" else "egress would be denied"
+            log.warning(message, extra={"fields": fields})
+            if self.events is not None:
+                self.events.gate(
+                    decision="denied" if event.verdict == "deny" else "would_deny",
+                    address=event.address,
+                    port=event.port,
+                    protocol=event.proto,
+                    pid=event.pid,
+                    process=event.comm,
+                )
+        if self.config.egress.mode == "log":
+            with self._lock:
+                key = ":".join(filter(None, (event.hook, event.socket_type, event.proto, event.address, str(event.port))))
+                entry = self.learned.setdefault(key, {"kind": event.hook, **fields, "count": 0})
+                entry["count"] += 1
+                if "reason" in fields:
+                    entry.update(reason=fields["reason"], name=fields["name"])
+                self._learn_dirty = True
 
     def _write_learn_report(self) -> None:
         with self._lock:
@@ -452,3 +518,11 @@ class Gatekeeper:
         temporary = self.learn_report.with_name(f".{self.learn_report.name}.tmp")
         temporary.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         temporary.replace(self.learn_report)
+
+
+def _refusal_text(address_range: str) -> str:
+    """Why an allowed name's answer stays closed, in the operator's words (learn report, status, logs)."""
+    return (
+        f"a DNS answer pointed at a {address_range} address, which names may not open (DNS rebinding); "
+        "list it in network.allowedCIDRs to reach it"
+    )

@@ -11,7 +11,12 @@ Decisions (issue 5): a query is judged by its queried name only, so a denied nam
 the allowlist is still NXDOMAIN, and an allowed name that CNAMEs elsewhere gets its final addresses
 allowed. Only the answer section's A/AAAA records on the CNAME chain are learned (never additional
 records, which a server may fill with anything). Other query types for allowed names are forwarded;
-for denied names every type is NXDOMAIN.
+for denied names every type is NXDOMAIN. Addresses in private, loopback, link-local or multicast ranges are
+passed on in the answer but not learned unless allowedCIDRs cover them (the record says why).
+
+A narrowed allowlist applies to queries already in flight: each query is judged under one (policy, epoch)
+snapshot, and if the allowlist was narrowed while upstream answered, the table refuses the stale answer
+and the name is judged again under the new policy (NXDOMAIN if it is no longer allowed).
 
 dnspython parses and builds messages; serving is plain sockets and daemon threads, one selector
 thread for all listening sockets and one short-lived thread per query or TCP connection.
@@ -40,7 +45,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 
-from host_agent.gatekeeper.allow_table import AllowTable
+from host_agent.gatekeeper.allow_table import AllowTable, StalePolicy
 from host_agent.gatekeeper.names import NamePolicy
 
 log = logging.getLogger("km-host-agent.gate.resolver")
@@ -53,7 +58,7 @@ TCP_IDLE_SECONDS = 10.0
 MAX_INFLIGHT_QUERIES = 256  # beyond this, UDP queries are dropped (the client retries) rather than queued
 MAX_TCP_CONNECTIONS = 64
 ZONE_TRANSFERS = frozenset({dns.rdatatype.AXFR, dns.rdatatype.IXFR})
-STAT_NAMES = ("queries", "allowed", "denied", "upstream_errors", "malformed", "allow_errors", "dropped")
+STAT_NAMES = ("queries", "allowed", "denied", "upstream_errors", "malformed", "allow_errors", "dropped", "rejudged")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class QueryRecord:
     allowed: bool
     addresses: tuple[str, ...]
     rcode: str
+    refused: tuple[tuple[str, str], ...] = ()  # (address, range) of answers left closed: see AllowTable.learn
 
 
 class UpstreamError(Exception):
@@ -74,7 +80,8 @@ class UpstreamError(Exception):
 class Resolver:
     """Serves DNS on the listen addresses (UDP and TCP), answering from `policy`, `upstream` and `table`.
 
-    `policy` may be reassigned at any time (a SIGHUP reload); each query reads it once. `timeout` bounds
+    `policy` may be widened at any time by assignment; a narrowed one comes with a new epoch through
+    `set_policy`, which AllowTable.clear_dynamic calls. Each query reads both once. `timeout` bounds
     one upstream attempt; a failed attempt is retried once, so a client waits at most twice that.
     An IPv6 listen address on a machine without IPv6 is skipped with a warning (the gate still sends
     IPv4 DNS here); any other bind failure makes start() raise.
@@ -93,7 +100,7 @@ class Resolver:
         if not listen:
             raise ValueError("the resolver needs at least one listen address")
         ipaddress.ip_address(upstream[0])  # an IP, not a host name: resolving it would need a resolver
-        self.policy = policy
+        self._policy_state = (policy, table.epoch)  # one attribute: a query reads policy and epoch together
         self.upstream = upstream
         self.table = table
         self.listen = tuple(listen)
@@ -113,6 +120,20 @@ class Resolver:
         self._serving: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=1)  # replaced by start()
         self._port = 0
+
+    # ---- policy -----------------------------------------------------------------------------------
+    @property
+    def policy(self) -> NamePolicy:
+        return self._policy_state[0]
+
+    @policy.setter
+    def policy(self, policy: NamePolicy) -> None:
+        """A policy at least as wide as the current one: answers judged under the old one stay valid."""
+        self._policy_state = (policy, self._policy_state[1])
+
+    def set_policy(self, policy: NamePolicy, epoch: int) -> None:
+        """A policy that may be narrower, in force from the table's `epoch` on (the publish of clear_dynamic)."""
+        self._policy_state = (policy, epoch)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     @property
@@ -320,7 +341,7 @@ class Resolver:
         question = query.question[0]
         name = question.name.to_text(omit_final_dot=True).lower()
         qtype = dns.rdatatype.to_text(question.rdtype)
-        policy = self.policy
+        policy, epoch = self._policy_state
         if question.rdclass != dns.rdataclass.IN:
             rcode = dns.rcode.REFUSED  # CHAOS and friends describe the resolver, not the Internet
         elif question.rdtype in ZONE_TRANSFERS:
@@ -340,17 +361,31 @@ class Resolver:
             log.warning("dns upstream failed", extra={"fields": {"name": name, "qtype": qtype, "error": str(error)}})
             return _reply_with_rcode(query, dns.rcode.SERVFAIL), QueryRecord(name, qtype, True, (), "SERVFAIL")
         learned = answer_addresses(response, question.name) if response is not None else []
-        try:
-            self.table.learn(learned)
-        except Exception:  # the kernel map refused: replying would hand out an address that cannot be reached
-            self._count("allow_errors")
-            log.exception("allowing resolved addresses failed", extra={"fields": {"name": name}})
-            return _reply_with_rcode(query, dns.rcode.SERVFAIL), QueryRecord(name, qtype, True, (), "SERVFAIL")
+        while True:
+            try:
+                refused = self.table.learn(learned, epoch=epoch)
+                break
+            except StalePolicy:
+                # Narrowed while upstream answered: this answer may not open anything the new policy denies.
+                self._count("rejudged")
+                policy, current = self._policy_state
+                if current == epoch:  # the table moved on but nobody told this resolver: nothing valid to learn under
+                    log.error("the allow table's policy epoch is ahead of the resolver's", extra={"fields": {"name": name}})
+                    return _reply_with_rcode(query, dns.rcode.SERVFAIL), QueryRecord(name, qtype, True, (), "SERVFAIL")
+                epoch = current
+                if not policy.allows(question.name.to_text()):
+                    self._count("denied")
+                    return _reply_with_rcode(query, dns.rcode.NXDOMAIN), QueryRecord(name, qtype, False, (), "NXDOMAIN")
+            except Exception:  # the kernel map refused: replying would hand out an address that cannot be reached
+                self._count("allow_errors")
+                log.exception("allowing resolved addresses failed", extra={"fields": {"name": name}})
+                return _reply_with_rcode(query, dns.rcode.SERVFAIL), QueryRecord(name, qtype, True, (), "SERVFAIL")
         reply = query.id.to_bytes(2, "big") + response_wire[2:]
         if transport == "udp" and len(reply) > _client_udp_limit(query):
             reply = _truncated_reply(query)
         rcode = response.rcode() if response is not None else dns.rcode.Rcode(reply[3] & 0x0F)
-        return reply, QueryRecord(name, qtype, True, tuple(address for address, _ttl in learned), dns.rcode.to_text(rcode))
+        addresses = tuple(address for address, _ttl in learned)
+        return reply, QueryRecord(name, qtype, True, addresses, dns.rcode.to_text(rcode), tuple(refused))
 
     def _ask_upstream(self, query: dns.message.Message, transport: str) -> tuple[bytes, dns.message.Message | None]:
         """Upstream's reply to a clean copy of the query (question, RD/CD/AD, EDNS payload and DO only).

@@ -72,9 +72,9 @@ class FakeUpstream:
 class ResolvingChild(Child):
     """A gated child (tests/gate/dnsclient.py) that also sends real DNS queries: `do("dns", host=…, port=53, name=…)`."""
 
-    def __init__(self, cgroup: Path) -> None:
+    def __init__(self, cgroup: Path, prefix: tuple[str, ...] = ()) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "dnsclient.py"), str(cgroup)],
+            [*prefix, sys.executable, str(HERE / "dnsclient.py"), str(cgroup)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -27,7 +27,7 @@ from host_agent.gatekeeper.allow_table import AllowTable
 from host_agent.gatekeeper.names import NamePolicy
 from host_agent.gatekeeper.resolver import QueryRecord, Resolver
 
-BIG_ADDRESSES = [f"10.3.{index // 250}.{index % 250 + 1}" for index in range(100)]
+BIG_ADDRESSES = [f"198.18.{index // 250}.{index % 250 + 1}" for index in range(100)]
 SLOW_SECONDS = 0.3
 
 
@@ -37,30 +37,30 @@ def _rrset(name: str, ttl: int, rdtype: str, *values: str) -> dns.rrset.RRset:
 
 # What the fake upstream knows: (name, type) → answer section (+ additional section).
 ZONE: dict[tuple[str, str], list[dns.rrset.RRset]] = {
-    ("allowed.test.", "A"): [_rrset("allowed.test.", 300, "A", "10.1.0.1")],
+    ("allowed.test.", "A"): [_rrset("allowed.test.", 300, "A", "198.51.100.1")],
     ("allowed.test.", "MX"): [_rrset("allowed.test.", 300, "MX", "10 mail.elsewhere.test.")],
-    ("api.allowed.test.", "A"): [_rrset("api.allowed.test.", 300, "A", "10.1.0.2", "10.1.0.3")],
+    ("api.allowed.test.", "A"): [_rrset("api.allowed.test.", 300, "A", "198.51.100.2", "198.51.100.3")],
     ("api.allowed.test.", "AAAA"): [_rrset("api.allowed.test.", 300, "AAAA", "2001:db8::2")],
     ("cname.allowed.test.", "A"): [
         _rrset("cname.allowed.test.", 300, "CNAME", "target.elsewhere.test."),
-        _rrset("target.elsewhere.test.", 120, "A", "10.2.0.2"),
+        _rrset("target.elsewhere.test.", 120, "A", "203.0.113.2"),
     ],
-    ("target.elsewhere.test.", "A"): [_rrset("target.elsewhere.test.", 120, "A", "10.2.0.2")],
-    ("short.allowed.test.", "A"): [_rrset("short.allowed.test.", 1, "A", "10.1.0.9")],
-    ("evil.test.", "A"): [_rrset("evil.test.", 300, "A", "10.6.6.6")],
+    ("target.elsewhere.test.", "A"): [_rrset("target.elsewhere.test.", 120, "A", "203.0.113.2")],
+    ("short.allowed.test.", "A"): [_rrset("short.allowed.test.", 1, "A", "198.51.100.9")],
+    ("evil.test.", "A"): [_rrset("evil.test.", 300, "A", "203.0.113.66")],
     ("sneaky.evil.test.", "A"): [
         _rrset("sneaky.evil.test.", 300, "CNAME", "allowed.test."),
-        _rrset("allowed.test.", 300, "A", "10.1.0.1"),
+        _rrset("allowed.test.", 300, "A", "198.51.100.1"),
     ],
     ("junk.allowed.test.", "A"): [  # an unrelated record in the answer: not on the chain, never allowed
-        _rrset("junk.allowed.test.", 300, "A", "10.1.0.5"),
-        _rrset("unrelated.evil.test.", 300, "A", "10.6.6.7"),
+        _rrset("junk.allowed.test.", 300, "A", "198.51.100.5"),
+        _rrset("unrelated.evil.test.", 300, "A", "203.0.113.67"),
     ],
     ("big.allowed.test.", "A"): [_rrset("big.allowed.test.", 300, "A", *BIG_ADDRESSES)],
     ("rude.allowed.test.", "A"): [_rrset("rude.allowed.test.", 300, "A", *BIG_ADDRESSES)],
-    ("slow.allowed.test.", "A"): [_rrset("slow.allowed.test.", 300, "A", "10.1.0.7")],
+    ("slow.allowed.test.", "A"): [_rrset("slow.allowed.test.", 300, "A", "198.51.100.7")],
 }
-ADDITIONAL = {("allowed.test.", "MX"): [_rrset("mail.elsewhere.test.", 300, "A", "10.4.0.4")]}
+ADDITIONAL = {("allowed.test.", "MX"): [_rrset("mail.elsewhere.test.", 300, "A", "203.0.113.44")]}
 IGNORES_UDP_LIMIT = {"rude.allowed.test."}  # answers in full over UDP whatever the client said
 
 
@@ -254,10 +254,10 @@ def _addresses(response: dns.message.Message) -> set[str]:
 def test_an_allowed_name_is_answered_and_its_address_allowed(setup: Setup) -> None:
     response = setup.ask("allowed.test")
     assert response.rcode() == dns.rcode.NOERROR
-    assert _addresses(response) == {"10.1.0.1"}
-    assert set(setup.sink.allowed) == {"10.1.0.1"}
+    assert _addresses(response) == {"198.51.100.1"}
+    assert set(setup.sink.allowed) == {"198.51.100.1"}
     assert setup.upstream.received == [("allowed.test.", "A", "udp")]
-    assert setup.wait_for_records(1) == [QueryRecord("allowed.test", "A", True, ("10.1.0.1",), "NOERROR")]
+    assert setup.wait_for_records(1) == [QueryRecord("allowed.test", "A", True, ("198.51.100.1",), "NOERROR")]
 
 
 def test_addresses_reach_the_kernel_before_the_client_gets_its_reply(upstream: FakeUpstream) -> None:
@@ -268,8 +268,8 @@ def test_addresses_reach_the_kernel_before_the_client_gets_its_reply(upstream: F
         replied = time.monotonic()
     finally:
         started.resolver.stop()
-    assert _addresses(response) == {"10.1.0.2", "10.1.0.3"}
-    assert set(started.sink.allowed) == {"10.1.0.2", "10.1.0.3"}
+    assert _addresses(response) == {"198.51.100.2", "198.51.100.3"}
+    assert set(started.sink.allowed) == {"198.51.100.2", "198.51.100.3"}
     assert all(asked < allowed_at < replied for allowed_at in started.sink.allowed.values())
     assert replied - asked >= 0.2  # the reply waited for both (slow) map writes
 
@@ -288,15 +288,15 @@ def test_aaaa_addresses_are_allowed(setup: Setup) -> None:
 
 def test_an_allowed_name_that_cnames_elsewhere_gets_its_final_address_allowed(setup: Setup) -> None:
     response = setup.ask("cname.allowed.test")
-    assert _addresses(response) == {"10.2.0.2"}
-    assert set(setup.sink.allowed) == {"10.2.0.2"}
-    assert setup.wait_for_records(1)[0].addresses == ("10.2.0.2",)
+    assert _addresses(response) == {"203.0.113.2"}
+    assert set(setup.sink.allowed) == {"203.0.113.2"}
+    assert setup.wait_for_records(1)[0].addresses == ("203.0.113.2",)
 
 
 def test_records_off_the_cname_chain_are_not_allowed(setup: Setup) -> None:
     response = setup.ask("junk.allowed.test")
-    assert _addresses(response) == {"10.1.0.5", "10.6.6.7"}  # forwarded as upstream sent it...
-    assert set(setup.sink.allowed) == {"10.1.0.5"}  # ...but only the queried name's address is allowed
+    assert _addresses(response) == {"198.51.100.5", "203.0.113.67"}  # forwarded as upstream sent it...
+    assert set(setup.sink.allowed) == {"198.51.100.5"}  # ...but only the queried name's address is allowed
 
 
 def test_other_query_types_are_forwarded_and_additional_records_not_allowed(setup: Setup) -> None:
@@ -315,7 +315,7 @@ def test_a_short_ttl_is_raised_to_the_floor(setup: Setup) -> None:
 
 def test_tcp_queries_are_forwarded_over_tcp(setup: Setup) -> None:
     response = setup.ask("allowed.test", tcp=True)
-    assert _addresses(response) == {"10.1.0.1"}
+    assert _addresses(response) == {"198.51.100.1"}
     assert setup.upstream.received == [("allowed.test.", "A", "tcp")]
 
 
@@ -537,6 +537,7 @@ def test_stats_count_every_outcome(setup: Setup) -> None:
         "malformed": 1,
         "allow_errors": 0,
         "dropped": 0,
+        "rejudged": 0,
     }
 
 
@@ -550,7 +551,7 @@ def test_one_port_serves_udp_and_tcp_on_every_listen_address(upstream: FakeUpstr
     try:
         for host in ("127.0.0.1", "::1"):
             for tcp in (False, True):
-                assert _addresses(started.ask("allowed.test", tcp=tcp, host=host)) == {"10.1.0.1"}
+                assert _addresses(started.ask("allowed.test", tcp=tcp, host=host)) == {"198.51.100.1"}
     finally:
         started.resolver.stop()
 
