@@ -10,10 +10,12 @@ Every address used belongs to the sandboxes, the world or links this test made.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +135,34 @@ def test_the_sandboxes_still_reach_the_world_in_both_families(sandboxes: list[Sa
     for sandbox in sandboxes:
         assert probe("http", "allowed.test", alias=sandbox.alias) == f"hello from {ADDRESSES['allowed']}"
         assert probe("http", "v6only.allowed.test", alias=sandbox.alias) == f"hello from {ADDRESSES6['v6only']}"
+
+
+@contextmanager
+def another_state_directory(root: Path) -> Iterator[None]:
+    """km as a second installation would run it (the README's goose beside the test suite): its own state."""
+    saved = {key: os.environ[key] for key in ("KM_STATE_DIR", "KM_SANDBOX_DIR")}
+    os.environ.update(KM_STATE_DIR=str(root / "state"), KM_SANDBOX_DIR=str(root / "sandboxes"))
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def test_a_second_state_directory_gets_other_blocks_and_its_sandbox_resolves(sandboxes: list[Sandbox], tmp_path: Path) -> None:
+    """The user's report: both stores number their first sandbox 1; the second must not reuse the first's /30."""
+    profile = tmp_path / "netthree.yaml"
+    profile.write_text(PROFILE.replace("name: gated, prefix: gt", "name: netthree, prefix: nc"))
+    with another_state_directory(tmp_path):
+        sandbox_id = create_in_world(profile, "netthree")
+        try:
+            record = state_store().get(sandbox_id)
+            taken = {sandbox.network.slot for sandbox in sandboxes}
+            assert int(record.resources["slot"]) not in taken
+            assert probe("resolve", "api.allowed.test", alias="netthree") == ADDRESSES["api"]
+            assert probe("http", "v6only.allowed.test", alias="netthree") == f"hello from {ADDRESSES6['v6only']}"
+        finally:
+            km("destroy", sandbox_id, "--yes", check=False)
+    assert probe("http", "allowed.test", alias=sandboxes[0].alias) == f"hello from {ADDRESSES['allowed']}"
 
 
 def test_destroy_removes_exactly_its_own_host_rules(sandboxes: list[Sandbox]) -> None:

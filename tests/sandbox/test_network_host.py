@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from controller.substrates.local.addressing import choose_slot, ipv4_block, ipv6_block, observe_networks_in_use
-from controller.substrates.local.network import SandboxNetwork, km_rules
+from controller.substrates.local.network import SandboxNetwork, allocation_lock, km_rules
 
 pytestmark = pytest.mark.root
 PROBE = Path(__file__).with_name("net_probe.py")
@@ -73,11 +73,22 @@ def test_a_block_only_routed_on_the_host_is_skipped(foreign_link: str) -> None:
     assert choose_slot(slot, observe_networks_in_use()) != slot
 
 
+def claim() -> SandboxNetwork:
+    """A network for a made-up sandbox id on a free slot, claimed as km claims one (under the host lock)."""
+    with allocation_lock():
+        made = SandboxNetwork(f"nt-{secrets.token_hex(4)}", free_slot())
+        try:
+            made.create()
+        except BaseException:
+            made.destroy()
+            raise
+    return made
+
+
 @pytest.fixture
 def network() -> Iterator[SandboxNetwork]:
-    made = SandboxNetwork(f"nt-{secrets.token_hex(4)}", free_slot())
+    made = claim()
     try:
-        made.create()
         yield made
     finally:
         made.destroy()
@@ -125,8 +136,7 @@ def connect_from(network: SandboxNetwork, address: str, port: int) -> str:
 
 
 def test_its_host_rules_are_tagged_and_destroy_removes_exactly_them(network: SandboxNetwork) -> None:
-    other = SandboxNetwork(f"nt-{secrets.token_hex(4)}", choose_slot(None, observe_networks_in_use()) or 0)
-    other.create()
+    other = claim()
     try:
         mine = [rule for rule in km_rules() if rule.sandbox_id == network.sandbox_id]
         chains = {f"{rule.family} {rule.table} {rule.chain}" for rule in mine}

@@ -94,6 +94,13 @@ class SandboxNetwork:
             _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0",
                   "net.ipv6.conf.default.disable_ipv6=0", "net.ipv6.conf.default.accept_ra=0"])  # fmt: skip
         _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        # The link's rules (matched by interface name) are in place before it carries anything.
+        rules = host_rules.link_rules(
+            host_if, self.sandbox_address, self.sandbox_address6 if ipv6 else None, _host_dns_upstreams(self.dns_upstream)
+        )
+        script = _legacy_nat_table() + host_rules.table_script()
+        script += "".join(rule.add_command(self.sandbox_id) + "\n" for rule in rules)
+        _run(["nft", "-f", "-"], stdin=script)  # one transaction: all of the link's rules or none
         _run(["ip", "addr", "add", f"{self.host_address}/30", "dev", host_if])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{self.sandbox_address}/30", "dev", "eth0"])
@@ -109,12 +116,6 @@ class SandboxNetwork:
         if ipv6:
             _run(["ip", "-n", ns, "-6", "route", "add", "default", "via", self.host_address6])
         _enable_forwarding(ipv6)
-        rules = host_rules.link_rules(
-            host_if, self.sandbox_address, self.sandbox_address6 if ipv6 else None, _host_dns_upstreams(self.dns_upstream)
-        )
-        script = _legacy_nat_table() + host_rules.table_script()
-        script += "".join(rule.add_command(self.sandbox_id) + "\n" for rule in rules)
-        _run(["nft", "-f", "-"], stdin=script)  # one transaction: all of the link's rules or none
 
     def destroy(self) -> None:
         """Remove the namespace, the veth and the host rules; absent pieces are fine."""
