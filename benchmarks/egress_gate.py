@@ -127,7 +127,7 @@ def serve_upstream(ready: Connection) -> None:
         wire, client = sock.recvfrom(4096)
         query = dns.message.from_wire(wire)
         response = dns.message.make_response(query)
-        response.answer.append(dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "10.9.9.9"))
+        response.answer.append(dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "198.51.100.9"))
         sock.sendto(response.to_wire(), client)
 
 
