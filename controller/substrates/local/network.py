@@ -91,8 +91,9 @@ class SandboxNetwork:
         ipv6 = IPV6_SYSCTL.is_dir()
         _run(["ip", "netns", "add", ns])
         if ipv6:  # a new namespace starts from the kernel's defaults; say it outright, eth0 inherits `default`
-            _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0",
-                  "net.ipv6.conf.default.disable_ipv6=0", "net.ipv6.conf.default.accept_ra=0"])  # fmt: skip
+            settings = ("all/disable_ipv6", "default/disable_ipv6", "default/accept_ra")
+            script = " && ".join(f"echo 0 > /proc/sys/net/ipv6/conf/{setting}" for setting in settings)
+            _run(["ip", "netns", "exec", ns, "sh", "-c", script])
         _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns])
         # The link's rules (matched by interface name) are in place before it carries anything.
         rules = host_rules.link_rules(
