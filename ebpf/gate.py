@@ -179,7 +179,8 @@ def _endpoint(address: str, port: int, family: int) -> tuple[bytes, int]:
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where the gate sends what it redirects: the resolver (DNS) and the L7 forwarder (proxy modes)."""
+    """Where the gate sends what it redirects, the resolver (DNS) and the L7 forwarder (proxy modes), and the
+    daemon's ports that no gated task may bind."""
 
     resolver_v4: tuple[str, int]
     resolver_v6: tuple[str, int]
