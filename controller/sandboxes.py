@@ -25,8 +25,9 @@ Progress = Callable[[str], None]
 SUBSTRATE_ENV = "KM_SUBSTRATE"
 SUBSTRATES = ("local", "ec2")
 PRIVILEGED_WARNING = (
-    "WARNING: execution.privileged: true on the local substrate gives the sandbox user root in a machine "
-    "whose root is close to host root (no user namespace here)"
+    "WARNING: execution.privileged: true gives the agent root through sudo; it stays inside the egress "
+    "policy, but what it changes on the machine's disk runs at the next boot: destroy the sandbox rather "
+    "than resume it for other work (README: Root in a privileged profile)"
 )
 
 

@@ -301,7 +301,8 @@ class ReadOnlyBus:
             _close(client, upstream)
 
     def _filter(self, client: socket.socket, upstream: socket.socket, writing: threading.Lock) -> None:
-        """Authentication lines go through as they are; after BEGIN, whole messages, judged one by one."""
+        """Authentication lines go through one by one as they are (some clients wait for each answer, sd-bus
+        sends them all with its first message); after BEGIN, whole messages, judged one by one."""
         buffer = bytearray()
         authenticated = False
         while True:
@@ -309,15 +310,15 @@ class ReadOnlyBus:
             if not chunk:
                 return
             buffer += chunk
+            while not authenticated and (end := buffer.find(b"\r\n")) >= 0:
+                line = bytes(buffer[: end + 2])  # the first one starts with the credentials byte, NUL
+                del buffer[: end + 2]
+                upstream.sendall(line)
+                authenticated = line.lstrip(b"\0") == _AUTH_END
             if not authenticated:
-                end = buffer.find(_AUTH_END)
-                if end < 0:
-                    if len(buffer) > 16384:
-                        raise MessageError("authentication that never ends")
-                    continue
-                upstream.sendall(bytes(buffer[: end + len(_AUTH_END)]))
-                del buffer[: end + len(_AUTH_END)]
-                authenticated = True
+                if len(buffer) > 16384:
+                    raise MessageError("authentication that never ends")
+                continue
             while (length := message_length(buffer)) is not None and length <= len(buffer):
                 message = parse_message(buffer)
                 raw = bytes(buffer[:length])

@@ -21,6 +21,7 @@ APT_PACKAGES=(
     e2fsprogs       # local sandboxes' additional volumes are ext4 images
     tmux            # agent runs are supervised in tmux sessions
     openssl curl binutils  # TLS capture tests: certificates, clients, libssl's symbol table
+    dbus-daemon dbus-bin systemd  # the read-only bus tests: a real bus, and sd-bus and libdbus clients
 )
 
 MIN_PYTHON="3.11"

@@ -170,6 +170,7 @@ class Gatekeeper:
         self.boot_status = boot_status
         self.daemon_cgroup = daemon_cgroup
         self._exempt_ids: set[int] = set()
+        self._exempt_paths: list[Path] = []
         self.decisions: Counter[str] = Counter()
         self.learned: dict[str, dict[str, Any]] = {}
         self.refused_answers: OrderedDict[str, dict[str, Any]] = OrderedDict()  # address -> name, range, denials
@@ -255,6 +256,7 @@ class Gatekeeper:
             if self._exempt_ids:
                 log.info("gate exemptions changed", extra={"fields": {"exempt": [str(path) for path in exempt]}})
             self._exempt_ids = ids
+        self._exempt_paths = exempt
         return exempt
 
     def _usable_pin_dir(self) -> Path | None:
@@ -383,6 +385,7 @@ class Gatekeeper:
             "enforcement": self.config.egress.enforcement,
             "mode": self.config.egress.mode,
             "attached_to": str(self.cgroup_root),
+            "exempt": [str(path) for path in self._exempt_paths],
             "allow_entries": len(self.gate.entries()) if self.gate is not None else 0,
             "decisions": self.gate.counters() if self.gate is not None else {},
             "resolver": self.resolver.stats() if self.resolver is not None else {},

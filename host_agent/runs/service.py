@@ -192,6 +192,8 @@ class AgentRuns:
                 continue
             if self._wrapper_alive(run):
                 continue
+            if run.status() in TERMINAL:  # it recorded its end and exited while we looked
+                continue
             if run.status() == "queued" and self._age_seconds(run) < START_GRACE_SECONDS and run.run_id in self.sessions.alive():
                 continue
             cancelled = run.file(CANCEL_REQUESTED).exists()

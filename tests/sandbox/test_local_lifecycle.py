@@ -84,7 +84,7 @@ def test_create_shell_update_pause_stop_resume_lock_destroy(local_env: Path, deb
         assert lines[4] == "hello 'quoted' $world"
         assert lines[5] == '{"a": 1}'
         assert lines[6:] == ["data-mounted", "first-boot", "no-sudo"]
-        assert shell("lifecycle", "tail -1 /proc/self/cgroup", "--root").stdout.strip().startswith("0::/system.slice/")
+        assert shell("lifecycle", "tail -1 /proc/self/cgroup", "--root").stdout.strip().startswith("0::/kmoperator.slice/")
         # The additional volume has the profile's size (1 GiB), and its data survives stop and start below.
         size_mib = int(shell("lifecycle", "df --output=size -BM /data | tail -1").stdout.strip().rstrip("M"))
         assert 900 < size_mib <= 1024, size_mib
