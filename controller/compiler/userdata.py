@@ -237,14 +237,15 @@ km_points_at_resolved() {{  # /etc/resolv.conf is resolved's (a link into /run/s
   grep -Eq '^[[:space:]]*nameserver[[:space:]]+127\\.0\\.0\\.5[34]([[:space:]]|$)' /etc/resolv.conf 2>/dev/null
 }}
 km_one_resolver() {{
-  local unit nameservers="" search=""
+  local unit nameservers="" learned="" search=""
   if km_points_at_resolved; then
     # Read before resolved stops: its uplink file lives in /run and names what DHCP gave it.
     if [ -n "${{KM_DNS_UPSTREAM:-}}" ]; then nameservers=$(km_port53_nameserver "$KM_DNS_UPSTREAM" || true); fi
     if [ -r {RESOLVED_UPLINK} ]; then
-      [ -n "$nameservers" ] || nameservers=$(awk '$1 == "nameserver" && $2 !~ /^127\\.0\\.0\\.5[34]$/ {{print $2}}' {RESOLVED_UPLINK})
+      learned=$(awk '$1 == "nameserver" && $2 !~ /^127\\.0\\.0\\.5[34]$/ {{print $2}}' {RESOLVED_UPLINK})
       search=$(awk '$1 == "search" {{$1 = ""; print substr($0, 2); exit}}' {RESOLVED_UPLINK})
     fi
+    nameservers=${{nameservers:-$learned}}
     if [ -z "$nameservers" ]; then
       km_log 'dns: resolved knows no upstream server and KM_DNS_UPSTREAM names none on port 53'
       return 1

@@ -76,9 +76,14 @@ def _check_absolute_path(text: str) -> str:
 
 
 def _check_ami(text: str) -> str:
-    if text in AMI_SLUGS or _AMI_ID.fullmatch(text):
+    """An EC2 slug or id, or a local image recipe (amis/*.yaml: the local substrate bakes any of them; EC2
+    refuses a name it cannot map when it creates the sandbox)."""
+    from controller.images.recipe import recipe_names  # the recipe module imports this package
+
+    if text in AMI_SLUGS or _AMI_ID.fullmatch(text) or text in recipe_names():
         return text
-    raise _fail(f"{text!r} is not an image: use one of {', '.join(AMI_SLUGS)} or an id like ami-0123456789abcdef0")
+    slugs = ", ".join(dict.fromkeys([*AMI_SLUGS, *recipe_names()]))
+    raise _fail(f"{text!r} is not an image: use one of {slugs} or an id like ami-0123456789abcdef0")
 
 
 def _check_instance_type(text: str) -> str:

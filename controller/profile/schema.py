@@ -83,7 +83,9 @@ class Runtime(ProfileModel):
     root_volume_size: int = Field(0, ge=0, le=16384, description="Root volume in GiB; 0 keeps the image's size.")
     hibernation: bool = Field(False, description="Pause keeps RAM on disk (on-demand only; root must exceed RAM).")
     ami: AmiRef | None = Field(
-        None, description="Image slug (`amazon-linux-2023`, `ubuntu-24.04`, `ubuntu-22.04`, `debian-12`) or an `ami-…` id."
+        None,
+        description="Image slug (`amazon-linux-2023`, `ubuntu-24.04`, `ubuntu-22.04`, `debian-12`) or an `ami-…` id; "
+        "local sandboxes also take any recipe in `amis/` (`debian-12-resolved`: systemd-resolved and nscd, as on EC2 AMIs).",
     )
     mount_efs: bool = Field(False, alias="mountEFS", description="Mount the shared EFS file system.")
     efs_mount_point: AbsolutePath = Field("/shared", alias="efsMountPoint", description="Where EFS is mounted.")

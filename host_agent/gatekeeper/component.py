@@ -129,21 +129,22 @@ RESOLVED_UPLINK = Path("/run/systemd/resolve/resolv.conf")
 def upstream_from_resolv_conf(path: Path = RESOLV_CONF, resolved_uplink: Path = RESOLVED_UPLINK) -> tuple[str, int]:
     """The first nameserver of resolv.conf, never resolved's stub: forwarding there would make resolved,
     not this daemon, the sandbox's resolver. First boot masks resolved and writes its upstream into
-    resolv.conf; until then the upstream is the first server resolved itself forwards to."""
-    sources = [path]
-    while sources:
-        source = sources.pop(0)
-        try:
-            lines = source.read_text().splitlines()
-        except OSError:  # a link to resolved's stub file when resolved is not running
-            lines = ["nameserver 127.0.0.53"] if source == path and path.is_symlink() else []
-        for fields in (line.split() for line in lines):
-            if len(fields) >= 2 and fields[0] == "nameserver":
-                if fields[1] not in RESOLVED_STUBS:
-                    return parse_upstream(fields[1])
-                if source == path and resolved_uplink not in sources:
-                    sources.append(resolved_uplink)
-    raise GateError(f"no nameserver in {path} (systemd-resolved's stub does not count): set KM_DNS_UPSTREAM in /etc/km/sandbox.env")
+    resolv.conf; before that, behind the stub, the upstream is the first server resolved forwards to."""
+    named = _nameservers(path)
+    if path.is_symlink() or RESOLVED_STUBS.intersection(named):
+        named += _nameservers(resolved_uplink)
+    for address in named:
+        if address not in RESOLVED_STUBS:
+            return parse_upstream(address)
+    raise GateError(f"no nameserver in {path} but systemd-resolved's stub: set KM_DNS_UPSTREAM in /etc/km/sandbox.env")
+
+
+def _nameservers(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:  # a link to resolved's stub file while resolved is not running
+        return []
+    return [fields[1] for fields in (line.split() for line in lines) if len(fields) >= 2 and fields[0] == "nameserver"]
 
 
 class Gatekeeper:

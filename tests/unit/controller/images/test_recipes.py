@@ -16,7 +16,7 @@ from controller.images.recipe import RECIPES_DIR, load_recipe, recipe_names
 from controller.profile import ProfileError
 from tests.conftest import REPO_ROOT
 
-SHIPPED = ["amazon-linux-2023", "debian-12"]
+SHIPPED = ["amazon-linux-2023", "debian-12", "debian-12-resolved"]
 BASE_BLOCK = "  base:\n    suite: bookworm\n    mirror: http://deb.debian.org/debian\n"
 
 
@@ -173,7 +173,7 @@ def test_image_name_is_the_recipe_name_and_twelve_hex_of_the_hash(recipes: Path)
 
 def test_an_unknown_recipe_lists_the_known_ones(recipes: Path) -> None:
     error = profile_error("ubuntu-24", recipes)
-    assert str(error) == f"no image recipe named 'ubuntu-24' in {recipes} (known: amazon-linux-2023, debian-12)"
+    assert str(error) == f"no image recipe named 'ubuntu-24' in {recipes} (known: amazon-linux-2023, debian-12, debian-12-resolved)"
 
 
 def test_an_unknown_recipe_in_an_empty_directory_says_none_are_known(tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def test_an_unknown_recipe_in_an_empty_directory_says_none_are_known(tmp_path: P
 def test_an_unknown_parent_is_named_with_the_known_recipes(recipes: Path) -> None:
     edit(recipes / "amazon-linux-2023.yaml", "parent: debian-12", "parent: debian-11")
     message = str(profile_error("amazon-linux-2023", recipes))
-    assert "'debian-11'" in message and "known: amazon-linux-2023, debian-12" in message
+    assert "'debian-11'" in message and "known: amazon-linux-2023, debian-12, debian-12-resolved" in message
 
 
 def test_an_unknown_parent_names_the_recipe_that_asks_for_it(recipes: Path) -> None:

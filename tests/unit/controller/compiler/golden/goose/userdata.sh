@@ -27,6 +27,59 @@ install -d -o sandbox -g sandbox -m 0755 /workspace
 rm -f /etc/sudoers.d/km-sandbox
 for group in wheel sudo adm; do gpasswd -d sandbox "$group" >/dev/null 2>&1 || true; done
 
+km_log 'dns: one resolver'
+km_port53_nameserver() {  # IP[:PORT], [IPv6]:PORT or IPv6: the address, if resolv.conf can name it (port 53)
+  case $1 in
+    \[*\]:53) local address=${1#\[}; echo "${address%\]:53}" ;;
+    \[*) return 1 ;;
+    *:*:*) echo "$1" ;;
+    *:53) echo "${1%:53}" ;;
+    *:*) return 1 ;;
+    *) echo "$1" ;;
+  esac
+}
+km_points_at_resolved() {  # /etc/resolv.conf is resolved's (a link into /run/systemd/resolve, or its stub)
+  case "$(readlink /etc/resolv.conf || true)" in */systemd/resolve/*) return 0 ;; esac
+  grep -Eq '^[[:space:]]*nameserver[[:space:]]+127\.0\.0\.5[34]([[:space:]]|$)' /etc/resolv.conf 2>/dev/null
+}
+km_one_resolver() {
+  local unit nameservers="" learned="" search=""
+  if km_points_at_resolved; then
+    # Read before resolved stops: its uplink file lives in /run and names what DHCP gave it.
+    if [ -n "${KM_DNS_UPSTREAM:-}" ]; then nameservers=$(km_port53_nameserver "$KM_DNS_UPSTREAM" || true); fi
+    if [ -r /run/systemd/resolve/resolv.conf ]; then
+      learned=$(awk '$1 == "nameserver" && $2 !~ /^127\.0\.0\.5[34]$/ {print $2}' /run/systemd/resolve/resolv.conf)
+      search=$(awk '$1 == "search" {$1 = ""; print substr($0, 2); exit}' /run/systemd/resolve/resolv.conf)
+    fi
+    nameservers=${nameservers:-$learned}
+    if [ -z "$nameservers" ]; then
+      km_log 'dns: resolved knows no upstream server and KM_DNS_UPSTREAM names none on port 53'
+      return 1
+    fi
+  fi
+  for unit in systemd-resolved.service systemd-resolved-varlink.socket systemd-resolved-monitor.socket nscd.service unscd.service; do
+    case "$(systemctl show -p LoadState --value "$unit" 2>/dev/null || true)" in
+      ""|not-found) continue ;;
+      masked) ;;
+      *) km_log "dns: masking $unit"; systemctl disable --quiet "$unit"; systemctl mask --quiet "$unit" ;;
+    esac
+    systemctl stop "$unit"
+  done
+  if grep -Eq '^hosts:.*[[:space:]]resolve([[:space:]]|$)' /etc/nsswitch.conf 2>/dev/null; then
+    km_log 'dns: nsswitch without resolve'
+    sed -E -i '/^hosts:/ s/[[:space:]]+resolve([[:space:]]*\[[^]]*\])?([[:space:]]|$)/\2/g' /etc/nsswitch.conf
+  fi
+  if [ -n "$nameservers" ]; then
+    km_log "dns: /etc/resolv.conf names $(echo "$nameservers" | tr '\n' ' ')"
+    {
+      echo '# km: the upstream resolver, as a plain file; systemd-resolved is masked. Written at first boot.'
+      if [ -n "$search" ]; then echo "search $search"; fi
+      echo "$nameservers" | sed 's/^/nameserver /'
+    } | km_write_file /etc/resolv.conf 0644 root:root
+  fi
+}
+km_one_resolver
+
 km_log 'environment'
 km_write_file /etc/profile.d/km-profile-env.sh 0644 root:root <<'KM_EOF'
 # km: the profile's environment for every login shell and agent run. Generated; do not edit.
@@ -272,9 +325,9 @@ Description=km agent runs: the sandbox user's tmux server (one session km-agent-
 Type=simple
 # Every run, and everything it starts, lives in the agent cgroup the egress policy is attached to.
 Slice=kmagent.slice
-RuntimeDirectory=km-agent
-RuntimeDirectoryMode=0700
-ExecStartPre=/bin/chown sandbox:sandbox /run/km-agent
+# The socket's directory belongs to the sandbox user (RuntimeDirectory= would make it root's: the unit
+# has no User=).
+ExecStartPre=/usr/bin/install -d -o sandbox -g sandbox -m 0700 /run/km-agent
 # Started as root so that the settings below need no no_new_privs (sudo works in a privileged profile),
 # then the sandbox user in a PID namespace of its own. -D: tmux stays in the foreground, so systemd
 # tracks the server; exit-empty is then off, so it idles between runs.
