@@ -166,3 +166,27 @@ def test_running_the_section_again_changes_nothing(sandbox: str) -> None:
     assert "masking" not in output and "/etc/resolv.conf names" not in output
     assert run("cat", "/etc/resolv.conf", "/etc/nsswitch.conf", root=True)[1] == before
     assert probe("resolve", "allowed.test", alias=ALIAS) == ADDRESSES["allowed"]
+
+
+@pytest.fixture(scope="module")
+def plain_sandbox(world: World, debian_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A sandbox of the default image, which has neither resolved nor nscd."""
+    profile = tmp_path_factory.mktemp("plainresolver") / "plainresolver.yaml"
+    plain = PROFILE.replace("oneresolver", "plainresolver").replace(f"ami: {IMAGE}", "ami: debian-12")
+    # No initCommands: there first boot resolves through nspawn's copy of the host's resolv.conf, not the world.
+    plain = re.sub(r"\n *initCommands:\n *- [^\n]*", "", plain)
+    assert "initCommands" not in plain
+    profile.write_text(plain)
+    sandbox_id = create_in_world(profile, "plainresolver")
+    try:
+        yield sandbox_id
+    finally:
+        km("destroy", sandbox_id, "--yes", check=False)
+
+
+def test_on_an_image_without_them_the_section_finds_nothing_to_do(plain_sandbox: str) -> None:
+    result = km("shell", "plainresolver", "--root", "--", "cat", "/var/log/km-userdata.log", "/etc/resolv.conf")
+    assert "km-userdata: dns: one resolver" in result.stdout
+    assert "dns: masking" not in result.stdout and "dns: nsswitch" not in result.stdout
+    assert "# km: the upstream resolver" not in result.stdout  # resolv.conf is still nspawn's copy of the host's
+    assert probe("resolve", "allowed.test", alias="plainresolver") == ADDRESSES["allowed"]
