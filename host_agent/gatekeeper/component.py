@@ -136,7 +136,7 @@ def upstream_from_resolv_conf(path: Path = RESOLV_CONF, resolved_uplink: Path = 
     for address in named:
         if address not in RESOLVED_STUBS:
             return parse_upstream(address)
-    raise GateError(f"no nameserver in {path} but systemd-resolved's stub: set KM_DNS_UPSTREAM in /etc/km/sandbox.env")
+    raise GateError(f"no nameserver in {path} other than systemd-resolved's stub: set KM_DNS_UPSTREAM in /etc/km/sandbox.env")
 
 
 def _nameservers(path: Path) -> list[str]:
