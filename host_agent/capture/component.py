@@ -1,9 +1,10 @@
 """The daemon's TLS capture: probes on every libssl the agent's processes use, events to telemetry.
 
-The kernel filter targets the machine's cgroup root and exempts its own services (system.slice and
-init.scope, as the egress gate does): the agent slice, where runs and `km shell` go, is captured from
-the moment systemd creates it, however often it is recreated, while the daemon's uploads and root's
-shells are not.
+The kernel filter targets the machine's cgroup root and exempts the machine's own services (system.slice
+and init.scope) and the operator's slice (`km shell --root`): the agent slice, where runs and `km shell`
+go, is captured from the moment systemd creates it, however often it is recreated, while the daemon's
+uploads and the operator's root shells are not. (The egress gate exempts less: it gates machine
+services too, which capture has no reason to record.)
 
 Libraries: the system's libssl files are probed at start, so a short-lived `curl` is seen from its
 first call; each tick then looks at the agent's processes for libssl files elsewhere (a bundled copy),
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from host_agent.capture.coalesce import Coalescer, TlsReport
 from host_agent.capture.unobservable import ExecutableScanner, reason_from_libraries
 from host_agent.config import TLSCapturePolicy
+from host_agent.containment import OPERATOR_SLICE
 from host_agent.telemetry.buffered import BufferedEvents
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("km-host-agent.capture")
 
-EXEMPT_CGROUPS = ("system.slice", "init.scope")  # the machine's own services
+EXEMPT_CGROUPS = ("system.slice", "init.scope", OPERATOR_SLICE)  # the machine's services, the operator's shells
 PARSE_WINDOW_BYTES = 512  # what the kernel copies for HTTP naming when payloads are not exported
 SYSTEM_LIBSSL_PATTERNS = ("/usr/lib/*-linux-gnu/libssl.so*", "/usr/lib64/libssl.so*", "/usr/lib/libssl.so*")
 UNSUPPORTED_LIBRARIES = {

@@ -207,6 +207,9 @@ class Gatekeeper:
         )
         self.table = AllowTable(self.gate, is_in_use=open_remote_addresses)
         self._adopt_pinned_entries()
+        # Before binding anything: a restarted daemon has a new cgroup, and the programs a previous daemon
+        # left attached would refuse it the resolver's and forwarder's ports until it is exempt again.
+        exempt = self._refresh_exempt()
         self.policy = NamePolicy.from_lists(egress.allowed_dns_suffixes, egress.allowed_hosts)
         self.resolver = Resolver(
             self._resolver_policy(),
@@ -219,7 +222,6 @@ class Gatekeeper:
         if egress.enforcement != "ebpf":
             self._start_proxy()
         self.table.set_static(egress.allowed_cidrs)
-        exempt = self._refresh_exempt()
         self.gate.attach(self.cgroup_root)
         threading.Thread(target=self._read_events, name="gate-events", daemon=True).start()
         log.info(

@@ -110,6 +110,9 @@ class AgentRuns:
         self.sessions = sessions
         self.user_name = user_name
         self._user: SandboxUser | None = None
+        # Runs whose session start() is still making (it may wait seconds for km's tmux server to start):
+        # reconcile, on the daemon's loop, must not take their missing wrapper for a dead one.
+        self._starting: set[str] = set()
 
     @property
     def user(self) -> SandboxUser:
@@ -157,11 +160,14 @@ class AgentRuns:
             "created_at": utc_now(),
         }
         write_owned_file(run.path, REQUEST, (json.dumps(request, indent=2) + "\n").encode(), user.uid, user.gid, mode=0o640)
+        self._starting.add(run_id)
         try:
             self.sessions.start(run, working_dir, owner_uid=user.uid)
         except Exception as error:
             self._record_failure(run, f"could not start: {error}")
             raise
+        finally:
+            self._starting.discard(run_id)
         log.info("run started", extra={"fields": {"run_id": run_id, "agent": agent, "no_bedrock": use_no_bedrock}})
         return run
 
@@ -188,7 +194,7 @@ class AgentRuns:
         """Record the end of runs whose wrapper is gone without having recorded it; the ids fixed."""
         fixed = []
         for run in all_runs(self.root):
-            if run.status() in TERMINAL:
+            if run.status() in TERMINAL or run.run_id in self._starting:
                 continue
             if self._wrapper_alive(run):
                 continue

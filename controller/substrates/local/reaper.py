@@ -61,10 +61,19 @@ def _unit_busy(unit: Path) -> bool:
             return False
         if unit.name != AGENT_TMUX_UNIT:
             return True
-        # km's tmux server idles there between runs: only what runs under it is activity.
-        return len((unit / "cgroup.procs").read_text().split()) > 1
+        # km's tmux server idles there between runs, under the wrapper that entered the agent's PID
+        # namespace (host_agent/containment.py): only what runs under the server is activity.
+        pids = (unit / "cgroup.procs").read_text().split()
+        return len([pid for pid in pids if _command_name(pid) != "unshare"]) > 1
     except OSError:
         return False
+
+
+def _command_name(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def reap_once(substrate: LocalSubstrate, now: datetime | None = None, log: Log = lambda _: None) -> list[str]:

@@ -8,6 +8,7 @@ machine's `/var/lib/km/boot-status`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -225,7 +226,7 @@ class LocalSubstrate:
             "KM_EFS_ID": "local",
             "KM_ARTIFACTS_URI": f"file://{SANDBOX_ARTIFACTS_DIR}",
         }
-        if upstream := os.environ.get(DNS_UPSTREAM_ENV):
+        if upstream := os.environ.get(DNS_UPSTREAM_ENV) or host_dns_upstream():
             identity["KM_DNS_UPSTREAM"] = upstream
         (etc_km / "sandbox.env").write_text("".join(f"{key}={value}\n" for key, value in identity.items()))
         collector = {name: os.environ[name] for name in OTLP_ENV if os.environ.get(name)}
@@ -444,6 +445,24 @@ def _checked(argv: list[str], what: str) -> None:
 
 def _int(value: str | None) -> int | None:
     return int(value) if value else None
+
+
+def host_dns_upstream(resolv_conf: Path = Path("/etc/resolv.conf")) -> str | None:
+    """The host's first nameserver a sandbox can reach (not loopback), named to the sandbox explicitly:
+    an image whose /etc/resolv.conf is systemd-resolved's stub link keeps that link under nspawn's
+    copy-host, and would otherwise have no upstream at first boot."""
+    try:
+        lines = resolv_conf.read_text().splitlines()
+    except OSError:
+        return None
+    for fields in (line.split() for line in lines):
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                if not ipaddress.ip_address(fields[1]).is_loopback:
+                    return fields[1]
+            except ValueError:
+                continue
+    return None
 
 
 def _require_root() -> None:

@@ -173,7 +173,9 @@ def test_image_name_is_the_recipe_name_and_twelve_hex_of_the_hash(recipes: Path)
 
 def test_an_unknown_recipe_lists_the_known_ones(recipes: Path) -> None:
     error = profile_error("ubuntu-24", recipes)
-    assert str(error) == f"no image recipe named 'ubuntu-24' in {recipes} (known: amazon-linux-2023, debian-12, debian-12-resolved)"
+    assert (
+        str(error) == f"no image recipe named 'ubuntu-24' in {recipes} (known: amazon-linux-2023, debian-12, debian-12-resolved)"
+    )
 
 
 def test_an_unknown_recipe_in_an_empty_directory_says_none_are_known(tmp_path: Path) -> None:
