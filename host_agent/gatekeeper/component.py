@@ -16,7 +16,6 @@ daemon ran, the learned entries are revoked instead. Nothing is ever more open t
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from host_agent.gatekeeper.connections import open_remote_addresses
 from host_agent.gatekeeper.names import NamePolicy
 from host_agent.gatekeeper.resolver import QueryRecord, Resolver
 from host_agent.paths import OTLP_RECEIVER_PORT, STATE_DIR
+from host_agent.upstream import nameservers, parse_upstream
 
 if TYPE_CHECKING:  # imported when a proxy mode needs it: asyncio and the forwarder cost ~80 ms of start-up
     from ebpf.gate import GateEvent
@@ -109,18 +109,6 @@ def first_boot_finished(status_file: Path = BOOT_STATUS) -> bool:
     return bool(status) and status != "running"
 
 
-def parse_upstream(text: str) -> tuple[str, int]:
-    """`IP`, `IP:PORT`, `[IPv6]:PORT` or a bare IPv6 address."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-        return str(ipaddress.ip_address(host.rstrip("]"))), int(port or 53)
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return str(ipaddress.ip_address(host)), int(port)
-    return str(ipaddress.ip_address(text)), 53
-
-
 # systemd-resolved's stub listeners, and the file where it lists the servers it forwards to.
 RESOLVED_STUBS = frozenset({"127.0.0.53", "127.0.0.54"})
 RESOLVED_UPLINK = Path("/run/systemd/resolve/resolv.conf")
@@ -141,10 +129,9 @@ def upstream_from_resolv_conf(path: Path = RESOLV_CONF, resolved_uplink: Path = 
 
 def _nameservers(path: Path) -> list[str]:
     try:
-        lines = path.read_text().splitlines()
+        return nameservers(path.read_text())
     except OSError:  # a link to resolved's stub file while resolved is not running
         return []
-    return [fields[1] for fields in (line.split() for line in lines) if len(fields) >= 2 and fields[0] == "nameserver"]
 
 
 class Gatekeeper:

@@ -20,6 +20,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from host_agent import upstream
+
 FAMILY = "inet"
 TABLE = "km"
 LEGACY_NAT = ("ip", "km", "postrouting")  # the IPv4 masquerade rules: same table name, family ip
@@ -98,28 +100,22 @@ def host_dns_upstreams(
 
 
 def parse_upstream(text: str) -> tuple[str, int] | None:
-    """`IP`, `IP:PORT`, `[IPv6]:PORT` or a bare IPv6 address, as the host agent reads KM_DNS_UPSTREAM; None if unreadable."""
-    text = text.strip()
+    """An upstream as the host agent reads KM_DNS_UPSTREAM (host_agent/upstream.py); None if unreadable."""
     try:
-        if text.startswith("["):
-            host, _, port = text[1:].partition("]:")
-            return str(ipaddress.ip_address(host.rstrip("]"))), int(port or 53)
-        if text.count(":") == 1:
-            host, port = text.split(":")
-            return str(ipaddress.ip_address(host)), int(port)
-        return str(ipaddress.ip_address(text.split("%")[0])), 53
+        return upstream.parse_upstream(text)
     except ValueError:
         return None
 
 
 def sandbox_dns_upstream(configured: str | None, resolv_conf: str) -> tuple[str, int] | None:
-    """Where a local sandbox's resolver forwards: KM_LOCAL_DNS_UPSTREAM, else the host's first nameserver."""
+    """Where a local sandbox's resolver forwards: KM_LOCAL_DNS_UPSTREAM, else the host's first nameserver
+    a sandbox can reach (a loopback one, such as resolved's stub, is the sandbox's own loopback there)."""
     if configured:
         return parse_upstream(configured)
-    for line in resolv_conf.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            return parse_upstream(fields[1])
+    for server in upstream.nameservers(resolv_conf):
+        found = parse_upstream(server)
+        if found is not None and not ipaddress.ip_address(found[0]).is_loopback:
+            return found
     return None
 
 

@@ -178,17 +178,19 @@ def _write_sysctl(path: Path, value: str) -> None:
     path.write_text(f"{value}\n")
 
 
-def _host_dns_upstreams(configured: str | None) -> list[tuple[str, int]]:
-    """The sandbox resolver's upstream, when it is one of this host's own addresses (the input chain lets DNS to it in).
-
-    The sandbox forwards to `configured` (KM_LOCAL_DNS_UPSTREAM) or else to the first nameserver of the
-    host's resolv.conf, which nspawn copies in (`--resolv-conf=copy-host`).
-    """
+def sandbox_upstream(configured: str | None) -> tuple[str, int] | None:
+    """Where the sandbox's resolver forwards: `configured` (KM_LOCAL_DNS_UPSTREAM), else the host's first
+    nameserver a sandbox can reach. The substrate names it in the sandbox's identity (KM_DNS_UPSTREAM)."""
     try:
         resolv_conf = Path("/etc/resolv.conf").read_text()
     except OSError:
         resolv_conf = ""
-    upstream = host_rules.sandbox_dns_upstream(configured, resolv_conf)
+    return host_rules.sandbox_dns_upstream(configured, resolv_conf)
+
+
+def _host_dns_upstreams(configured: str | None) -> list[tuple[str, int]]:
+    """The sandbox resolver's upstream, when it is one of this host's own addresses (the input chain lets DNS to it in)."""
+    upstream = sandbox_upstream(configured)
     return host_rules.host_dns_upstreams([upstream] if upstream else [], _host_addresses())
 
 

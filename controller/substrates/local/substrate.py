@@ -8,7 +8,6 @@ machine's `/var/lib/km/boot-status`.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from controller.substrates.local import machine
 from controller.substrates.local.addressing import POOL, POOL6, choose_slot, observe_networks_in_use
 from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.machine import MachineError, MachineSpec
-from controller.substrates.local.network import SandboxNetwork, allocation_lock
+from controller.substrates.local.network import SandboxNetwork, allocation_lock, sandbox_upstream
 from controller.substrates.records import creator_alive, policy_changes, starting_record
 from host_agent.paths import TMUX_SOCKET
 
@@ -226,8 +225,12 @@ class LocalSubstrate:
             "KM_EFS_ID": "local",
             "KM_ARTIFACTS_URI": f"file://{SANDBOX_ARTIFACTS_DIR}",
         }
-        if upstream := os.environ.get(DNS_UPSTREAM_ENV) or host_dns_upstream():
-            identity["KM_DNS_UPSTREAM"] = upstream
+        # Always named, not left to the copy of the host's resolv.conf: an image whose resolv.conf is
+        # resolved's stub link keeps the link under nspawn's copy-host and would have no upstream.
+        if upstream := sandbox_upstream(os.environ.get(DNS_UPSTREAM_ENV)):
+            identity["KM_DNS_UPSTREAM"] = (
+                f"[{upstream[0]}]:{upstream[1]}" if ":" in upstream[0] else f"{upstream[0]}:{upstream[1]}"
+            )
         (etc_km / "sandbox.env").write_text("".join(f"{key}={value}\n" for key, value in identity.items()))
         collector = {name: os.environ[name] for name in OTLP_ENV if os.environ.get(name)}
         if collector:  # root only: the headers usually carry the collector's API key
@@ -445,24 +448,6 @@ def _checked(argv: list[str], what: str) -> None:
 
 def _int(value: str | None) -> int | None:
     return int(value) if value else None
-
-
-def host_dns_upstream(resolv_conf: Path = Path("/etc/resolv.conf")) -> str | None:
-    """The host's first nameserver a sandbox can reach (not loopback), named to the sandbox explicitly:
-    an image whose /etc/resolv.conf is systemd-resolved's stub link keeps that link under nspawn's
-    copy-host, and would otherwise have no upstream at first boot."""
-    try:
-        lines = resolv_conf.read_text().splitlines()
-    except OSError:
-        return None
-    for fields in (line.split() for line in lines):
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            try:
-                if not ipaddress.ip_address(fields[1]).is_loopback:
-                    return fields[1]
-            except ValueError:
-                continue
-    return None
 
 
 def _require_root() -> None:

@@ -102,6 +102,9 @@ def test_the_upstream_is_the_configured_one_else_resolv_confs_first() -> None:
     assert sandbox_dns_upstream("198.19.7.2:53", resolv) == ("198.19.7.2", 53)
     assert sandbox_dns_upstream(None, resolv) == ("10.255.255.53", 53)
     assert sandbox_dns_upstream(None, "") is None
+    # resolved's stub on the host is the sandbox's own loopback inside it: the next server is the one
+    assert sandbox_dns_upstream(None, "nameserver 127.0.0.53\nnameserver 192.0.2.53\n") == ("192.0.2.53", 53)
+    assert sandbox_dns_upstream(None, "nameserver 127.0.0.53\n") is None
 
 
 @pytest.mark.parametrize(
