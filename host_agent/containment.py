@@ -30,7 +30,7 @@ Standard library only: the operator side imports it to start `km shell` with the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Final
 
 AGENT_SLICE: Final = "kmagent.slice"
@@ -132,15 +132,16 @@ KM_UNIT_FILES: Final = (
     "kmoperator.slice",
 )
 # Read-only for the agent's units, so root there cannot change what the exempt daemon runs or how PID 1
-# starts it at the next boot. Everything in MADE_AT_FIRST_BOOT is created by first boot when missing: a
-# read-only mount needs something to mount over, or root could create the path itself.
-MADE_AT_FIRST_BOOT: Final = tuple(str(PurePosixPath(base) / name) for base in _UNIT_DIRECTORIES for name in _KM_DROP_INS) + (
+# starts it at the next boot. Everything in MADE_AT_START is created by the host agent when missing, before
+# it opens the read-only bus that every agent unit needs: a read-only mount needs something to mount over,
+# or root could create the path itself.
+MADE_AT_START: Final = tuple(str(PurePosixPath(base) / name) for base in _UNIT_DIRECTORIES for name in _KM_DROP_INS) + (
     "/etc/systemd/system.control",
     "/etc/systemd/system.conf.d",
     "/etc/systemd/system-generators",
     "/usr/local/lib/systemd/system-generators",
 )
-# An empty file, made at first boot, so nobody can make every process at the next start load a library.
+# An empty file, made at start, so nobody can make every process at the next start load a library.
 LD_PRELOAD_FILE: Final = "/etc/ld.so.preload"
 READ_ONLY_PATHS: Final = (
     "/run/km-bus",  # else root could put the real bus where the next unit's bus comes from
@@ -148,7 +149,7 @@ READ_ONLY_PATHS: Final = (
     "/usr/local/bin/km-host-agent",
     "/var/lib/km",
     *(str(PurePosixPath("/etc/systemd/system") / name) for name in KM_UNIT_FILES),
-    *MADE_AT_FIRST_BOOT,
+    *MADE_AT_START,
     "/etc/systemd/system.conf",
     "/usr/lib/systemd/system-generators",
     LD_PRELOAD_FILE,
@@ -176,6 +177,15 @@ _ENTER_AGENT: Final = (
     "--",
 )
 AGENT_ENVIRONMENT: Final = ("HOME=/home/sandbox", "USER=sandbox", "LOGNAME=sandbox")
+
+
+def prepare_read_only_targets(root: Path = Path("/")) -> None:
+    """Make the paths the agent's units mount read-only over, where they are missing (root only)."""
+    for directory in MADE_AT_START:
+        (root / directory.lstrip("/")).mkdir(mode=0o755, parents=True, exist_ok=True)
+    preload = root / LD_PRELOAD_FILE.lstrip("/")
+    if not preload.exists():
+        preload.touch(mode=0o644)
 
 
 def agent_unit_properties() -> list[str]:

@@ -153,8 +153,11 @@ class Daemon:
         automatic = str(self.paths.gate_cgroup) == "auto"
         root = cgroup2_root() if automatic else self.paths.gate_cgroup
         if automatic:  # under the machine's own systemd: what the agent's units need (host_agent/containment.py)
-            start_operator_slice()
+            from host_agent.containment import prepare_read_only_targets
             from host_agent.readonly_bus import ReadOnlyBus
+
+            prepare_read_only_targets()  # before the bus: no agent unit starts without the bus
+            start_operator_slice()
 
             self.readonly_bus = ReadOnlyBus()
             self.readonly_bus.start()

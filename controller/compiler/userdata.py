@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import base64
 import shlex
-from importlib import resources
 from pathlib import PurePosixPath
 
 from controller.compiler.volumes import Volume
 from controller.profile import SandboxProfile
-from host_agent import containment
 from host_agent.config import HostAgentConfig
 from host_agent.paths import CONFIG_PATH, SANDBOX_ENV_PATH
 
@@ -118,15 +116,6 @@ def _write_file(path: str, mode: str, owner: str, content: str) -> str:
     while delimiter in lines:
         delimiter += "_"
     return f"{command} <<'{delimiter}'\n{content}{delimiter}"
-
-
-# The daemon, the tmux server its agent runs live in (started by the daemon on the first run), and the
-# slice of the operator's root commands (started by the daemon, exempt from the gate).
-HOST_AGENT_UNITS = ("km-host-agent.service", "km-agent-tmux.service", containment.OPERATOR_SLICE)
-
-
-def host_agent_unit(name: str = "km-host-agent.service") -> str:
-    return resources.files("host_agent").joinpath(f"systemd/{name}").read_text(encoding="utf-8")
 
 
 def profile_env_script(env: dict[str, str]) -> str:
@@ -280,17 +269,6 @@ def _one_resolver_section() -> list[str]:
     return ["km_log 'dns: one resolver'", _ONE_RESOLVER_FUNCTIONS, "km_one_resolver"]
 
 
-def _containment_section() -> list[str]:
-    """The paths root in the agent's units must find read-only (host_agent/containment.py) must exist, or
-    there would be nothing to mount over and root could create them itself."""
-    made = " ".join(shlex.quote(path) for path in containment.MADE_AT_FIRST_BOOT)
-    return [
-        "km_log 'containment'",
-        f"mkdir -p {made}",
-        f"[ -e {containment.LD_PRELOAD_FILE} ] || : > {containment.LD_PRELOAD_FILE}",
-    ]
-
-
 def _host_agent_section(config: HostAgentConfig) -> list[str]:
     return [
         "km_log 'host agent'",
@@ -305,20 +283,10 @@ def _host_agent_section(config: HostAgentConfig) -> list[str]:
         "  bash /opt/km/bundle/install-host-agent.sh",
         "fi",
         _write_file(str(CONFIG_PATH), "0644", "root:root", config.to_json()),
-        # A baked image already has these units: reloading systemd for nothing costs a third of a second.
-        "km_units_changed=0",
-        *[line for name in HOST_AGENT_UNITS for line in _unit_update(name)],
-        'if [ "$km_units_changed" = 1 ]; then systemctl daemon-reload; fi',
+        # The daemon's units come with it (a baked image, or the bundle's installer): EC2 allows 16 KB
+        # of user data, and the agent units' settings alone would take a quarter of it.
         "systemctl is-enabled --quiet km-host-agent.service || systemctl enable km-host-agent.service",
         "systemctl start km-host-agent.service",
-    ]
-
-
-def _unit_update(name: str) -> list[str]:
-    path = f"/etc/systemd/system/{name}"
-    return [
-        _write_file(f"{path}.km-new", "0644", "root:root", host_agent_unit(name)),
-        f"if cmp -s {path}.km-new {path}; then rm -f {path}.km-new; else mv -f {path}.km-new {path}; km_units_changed=1; fi",
     ]
 
 
@@ -330,7 +298,6 @@ def render_userdata(profile: SandboxProfile, volumes: list[Volume], config: Host
         _volumes_section(volumes, profile.spec.runtime.region),
         _config_files_section(profile),
         _init_section(profile),
-        _containment_section(),
         _host_agent_section(config),
         ["echo ready > " + BOOT_STATUS_PATH, 'km_log "SANDBOX_READY sandbox_id=${KM_SANDBOX_ID:-unknown}"'],
     ]

@@ -72,9 +72,9 @@ EOF
 chmod 0755 "$bin.km-new"
 mv -f "$bin.km-new" "$bin"
 
-# The daemon's units other than the two userdata writes itself (the egress gate's bpffs).
+# The daemon's units (userdata only enables and starts km-host-agent.service).
 changed=0
-for unit in "$here"/host_agent/systemd/*.mount; do
+for unit in "$here"/host_agent/systemd/*.service "$here"/host_agent/systemd/*.mount "$here"/host_agent/systemd/*.slice; do
   target=/etc/systemd/system/$(basename "$unit")
   if ! cmp -s "$unit" "$target"; then install -m 0644 "$unit" "$target"; changed=1; fi
 done

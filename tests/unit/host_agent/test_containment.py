@@ -65,13 +65,13 @@ def test_the_real_bus_is_replaced_without_a_fallback() -> None:
     assert "-/run/systemd/private" in hidden_paths and "-/run/kmgate" in hidden_paths
 
 
-def test_every_drop_in_directory_of_km_units_is_made_at_first_boot_and_read_only() -> None:
+def test_every_drop_in_directory_of_km_units_is_made_at_start_and_read_only() -> None:
     read_only = set(containment.READ_ONLY_PATHS)
     for base in ("/etc/systemd/system", "/usr/lib/systemd/system", "/usr/local/lib/systemd/system"):
         for unit in ("km-host-agent.service", "km-firstboot.service", "run-kmgate.mount"):
             kind = unit.rsplit(".", 1)[1]
             for drop_in in (f"{unit}.d", f"{kind}.d"):
-                assert f"{base}/{drop_in}" in containment.MADE_AT_FIRST_BOOT
+                assert f"{base}/{drop_in}" in containment.MADE_AT_START
                 assert f"{base}/{drop_in}" in read_only
 
 
@@ -119,3 +119,11 @@ def test_own_cgroup_is_never_the_root(tmp_path: Path, proc_cgroup: str, expected
     file.write_text(proc_cgroup)
     found = own_cgroup(Path("/sys/fs/cgroup/unified"), file)
     assert found == (Path("/sys/fs/cgroup/unified") / expected if expected else None)
+
+
+def test_prepare_makes_every_target_and_an_empty_preload_file(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    containment.prepare_read_only_targets(tmp_path)
+    containment.prepare_read_only_targets(tmp_path)  # idempotent
+    assert all((tmp_path / path.lstrip("/")).is_dir() for path in containment.MADE_AT_START)
+    assert (tmp_path / "etc/ld.so.preload").read_text() == ""

@@ -177,10 +177,6 @@ KM_EOF
   touch /var/lib/km/init.done
 fi
 
-km_log 'containment'
-mkdir -p /etc/systemd/system/km-host-agent.service.d /etc/systemd/system/km-host-.service.d /etc/systemd/system/km-.service.d /etc/systemd/system/km-firstboot.service.d /etc/systemd/system/km-agent-tmux.service.d /etc/systemd/system/km-agent-.service.d /etc/systemd/system/run-kmgate.mount.d /etc/systemd/system/run-.mount.d /etc/systemd/system/kmagent.slice.d /etc/systemd/system/kmoperator.slice.d /etc/systemd/system/service.d /etc/systemd/system/mount.d /etc/systemd/system/slice.d /usr/local/lib/systemd/system/km-host-agent.service.d /usr/local/lib/systemd/system/km-host-.service.d /usr/local/lib/systemd/system/km-.service.d /usr/local/lib/systemd/system/km-firstboot.service.d /usr/local/lib/systemd/system/km-agent-tmux.service.d /usr/local/lib/systemd/system/km-agent-.service.d /usr/local/lib/systemd/system/run-kmgate.mount.d /usr/local/lib/systemd/system/run-.mount.d /usr/local/lib/systemd/system/kmagent.slice.d /usr/local/lib/systemd/system/kmoperator.slice.d /usr/local/lib/systemd/system/service.d /usr/local/lib/systemd/system/mount.d /usr/local/lib/systemd/system/slice.d /usr/lib/systemd/system/km-host-agent.service.d /usr/lib/systemd/system/km-host-.service.d /usr/lib/systemd/system/km-.service.d /usr/lib/systemd/system/km-firstboot.service.d /usr/lib/systemd/system/km-agent-tmux.service.d /usr/lib/systemd/system/km-agent-.service.d /usr/lib/systemd/system/run-kmgate.mount.d /usr/lib/systemd/system/run-.mount.d /usr/lib/systemd/system/kmagent.slice.d /usr/lib/systemd/system/kmoperator.slice.d /usr/lib/systemd/system/service.d /usr/lib/systemd/system/mount.d /usr/lib/systemd/system/slice.d /etc/systemd/system.control /etc/systemd/system.conf.d /etc/systemd/system-generators /usr/local/lib/systemd/system-generators
-[ -e /etc/ld.so.preload ] || : > /etc/ld.so.preload
-
 km_log 'host agent'
 if ! command -v km-host-agent >/dev/null 2>&1; then
   : "${KM_HOST_AGENT_BUNDLE_URL:?km-host-agent is missing and km gave no bundle: use an image with it baked in}"
@@ -283,78 +279,6 @@ km_write_file /etc/km/host-agent.json 0644 root:root <<'KM_EOF'
   "substrate": "ec2"
 }
 KM_EOF
-km_units_changed=0
-km_write_file /etc/systemd/system/km-host-agent.service.km-new 0644 root:root <<'KM_EOF'
-[Unit]
-Description=km host agent: enforces the sandbox profile (egress gate, capture, agent runs)
-ConditionPathExists=/etc/km/host-agent.json
-After=network-online.target run-kmgate.mount
-Wants=network-online.target run-kmgate.mount
-
-[Service]
-Type=notify
-NotifyAccess=main
-ExecStart=/usr/local/bin/km-host-agent daemon --config /etc/km/host-agent.json --gate-cgroup auto
-ExecReload=/bin/kill -HUP $MAINPID
-WatchdogSec=30s
-Restart=on-failure
-RestartSec=2s
-# A restart loads the daemon's code and libraries afresh: memory pressure from the agent must not be a
-# way to cause one.
-OOMScoreAdjust=-900
-# The control socket (root only) and the outbox's persisted queue.
-RuntimeDirectory=km-host-agent
-RuntimeDirectoryMode=0700
-StateDirectory=km-host-agent
-StateDirectoryMode=0700
-# Only what the daemon uses: BPF programs and maps, uprobes, network policy, sandbox processes and
-# their files. Without CAP_SYS_ADMIN it cannot open the host's BPF objects by id (measured).
-# CAP_SYS_PTRACE: reading the agent's /proc/<pid>/maps and exe, to find the TLS libraries it uses.
-CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE
-
-[Install]
-WantedBy=multi-user.target
-KM_EOF
-if cmp -s /etc/systemd/system/km-host-agent.service.km-new /etc/systemd/system/km-host-agent.service; then rm -f /etc/systemd/system/km-host-agent.service.km-new; else mv -f /etc/systemd/system/km-host-agent.service.km-new /etc/systemd/system/km-host-agent.service; km_units_changed=1; fi
-km_write_file /etc/systemd/system/km-agent-tmux.service.km-new 0644 root:root <<'KM_EOF'
-[Unit]
-Description=km agent runs: the sandbox user's tmux server (one session km-agent-<runID> per run)
-# Started by km-host-agent when the first run starts; not enabled at boot (an idle sandbox needs no tmux).
-
-[Service]
-Type=simple
-# Every run, and everything it starts, lives in the agent cgroup the egress policy is attached to.
-Slice=kmagent.slice
-# The socket's directory belongs to the sandbox user (RuntimeDirectory= would make it root's: the unit
-# has no User=).
-ExecStartPre=/usr/bin/install -d -o sandbox -g sandbox -m 0700 /run/km-agent
-# Started as root so that the settings below need no no_new_privs (sudo works in a privileged profile),
-# then the sandbox user in a PID namespace of its own. -D: tmux stays in the foreground, so systemd
-# tracks the server; exit-empty is then off, so it idles between runs.
-ExecStart=/usr/bin/unshare --pid --fork --kill-child --mount-proc -- /usr/bin/setpriv --bounding-set=-all,+chown,+dac_override,+dac_read_search,+fowner,+fsetid,+kill,+setgid,+setuid,+setpcap,+setfcap,+net_bind_service,+sys_chroot,+mknod,+audit_write,+lease,+ipc_lock,+sys_nice,+sys_resource --inh-caps=-all --reuid=sandbox --regid=sandbox --init-groups -- /usr/bin/tmux -S /run/km-agent/tmux.sock -f /dev/null -D
-# What keeps the agent, and root after sudo, inside the egress policy: host_agent/containment.py
-# (a test keeps these lines equal to it).
-CapabilityBoundingSet=CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_FSETID CAP_KILL CAP_SETGID CAP_SETUID CAP_SETPCAP CAP_SETFCAP CAP_NET_BIND_SERVICE CAP_SYS_CHROOT CAP_MKNOD CAP_AUDIT_WRITE CAP_LEASE CAP_IPC_LOCK CAP_SYS_NICE CAP_SYS_RESOURCE CAP_SYS_ADMIN
-RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6
-ProtectControlGroups=yes
-InaccessiblePaths=-/run/kmgate -/sys/fs/bpf -/run/systemd/private -/run/km-host-agent -/var/lib/km-host-agent -/etc/km -/sys/kernel/tracing -/sys/kernel/debug
-ReadOnlyPaths=-/run/km-bus -/opt/km -/usr/local/bin/km-host-agent -/var/lib/km -/etc/systemd/system/km-host-agent.service -/etc/systemd/system/km-agent-tmux.service -/etc/systemd/system/km-firstboot.service -/etc/systemd/system/run-kmgate.mount -/etc/systemd/system/kmoperator.slice -/etc/systemd/system/km-host-agent.service.d -/etc/systemd/system/km-host-.service.d -/etc/systemd/system/km-.service.d -/etc/systemd/system/km-firstboot.service.d -/etc/systemd/system/km-agent-tmux.service.d -/etc/systemd/system/km-agent-.service.d -/etc/systemd/system/run-kmgate.mount.d -/etc/systemd/system/run-.mount.d -/etc/systemd/system/kmagent.slice.d -/etc/systemd/system/kmoperator.slice.d -/etc/systemd/system/service.d -/etc/systemd/system/mount.d -/etc/systemd/system/slice.d -/usr/local/lib/systemd/system/km-host-agent.service.d -/usr/local/lib/systemd/system/km-host-.service.d -/usr/local/lib/systemd/system/km-.service.d -/usr/local/lib/systemd/system/km-firstboot.service.d -/usr/local/lib/systemd/system/km-agent-tmux.service.d -/usr/local/lib/systemd/system/km-agent-.service.d -/usr/local/lib/systemd/system/run-kmgate.mount.d -/usr/local/lib/systemd/system/run-.mount.d -/usr/local/lib/systemd/system/kmagent.slice.d -/usr/local/lib/systemd/system/kmoperator.slice.d -/usr/local/lib/systemd/system/service.d -/usr/local/lib/systemd/system/mount.d -/usr/local/lib/systemd/system/slice.d -/usr/lib/systemd/system/km-host-agent.service.d -/usr/lib/systemd/system/km-host-.service.d -/usr/lib/systemd/system/km-.service.d -/usr/lib/systemd/system/km-firstboot.service.d -/usr/lib/systemd/system/km-agent-tmux.service.d -/usr/lib/systemd/system/km-agent-.service.d -/usr/lib/systemd/system/run-kmgate.mount.d -/usr/lib/systemd/system/run-.mount.d -/usr/lib/systemd/system/kmagent.slice.d -/usr/lib/systemd/system/kmoperator.slice.d -/usr/lib/systemd/system/service.d -/usr/lib/systemd/system/mount.d -/usr/lib/systemd/system/slice.d -/etc/systemd/system.control -/etc/systemd/system.conf.d -/etc/systemd/system-generators -/usr/local/lib/systemd/system-generators -/etc/systemd/system.conf -/usr/lib/systemd/system-generators -/etc/ld.so.preload
-BindReadOnlyPaths=/run/km-bus/system_bus_socket:/run/dbus/system_bus_socket
-Environment=HOME=/home/sandbox USER=sandbox LOGNAME=sandbox
-Restart=on-failure
-RestartSec=1s
-KM_EOF
-if cmp -s /etc/systemd/system/km-agent-tmux.service.km-new /etc/systemd/system/km-agent-tmux.service; then rm -f /etc/systemd/system/km-agent-tmux.service.km-new; else mv -f /etc/systemd/system/km-agent-tmux.service.km-new /etc/systemd/system/km-agent-tmux.service; km_units_changed=1; fi
-km_write_file /etc/systemd/system/kmoperator.slice.km-new 0644 root:root <<'KM_EOF'
-[Unit]
-Description=km operator: km shell --root and km's own root commands (ungated; the agent cannot start units here)
-# Started by km-host-agent at start, and kept: its cgroup, and so its place in the gate's exempt map,
-# must not come and go with each shell.
-
-[Slice]
-KM_EOF
-if cmp -s /etc/systemd/system/kmoperator.slice.km-new /etc/systemd/system/kmoperator.slice; then rm -f /etc/systemd/system/kmoperator.slice.km-new; else mv -f /etc/systemd/system/kmoperator.slice.km-new /etc/systemd/system/kmoperator.slice; km_units_changed=1; fi
-if [ "$km_units_changed" = 1 ]; then systemctl daemon-reload; fi
 systemctl is-enabled --quiet km-host-agent.service || systemctl enable km-host-agent.service
 systemctl start km-host-agent.service
 
