@@ -240,7 +240,19 @@ def _parser() -> argparse.ArgumentParser:
     health.set_defaults(handler=command_health)
     flush = commands.add_parser("flush-telemetry", parents=[common], help="export and upload telemetry recorded so far")
     flush.set_defaults(handler=command_flush_telemetry)
+    socket_filter = commands.add_parser(
+        "socket-filter", help="install the agent's socket filter, then run COMMAND (agent units start through it)"
+    )
+    socket_filter.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS…]")
+    socket_filter.set_defaults(handler=command_socket_filter)
     return parser
+
+
+def command_socket_filter(args: argparse.Namespace) -> int:
+    from host_agent.socket_filter import run
+
+    command = list(args.command)
+    return run(command[1:] if command[:1] == ["--"] else command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,9 +6,10 @@ The agent may be root (`sudo` in a privileged profile), so uid 0 alone must not 
 agent unit is started by systemd *as root*, with these settings, and only then becomes the `sandbox`
 user through `setpriv`:
 
-- The seccomp filter behind RestrictAddressFamilies is installed while the unit still holds
-  CAP_SYS_ADMIN, so systemd does not have to set `no_new_privs` (it must for a `User=` unit), and
-  `sudo` works. The filter itself is inherited by everything the agent starts and cannot be removed.
+- The seccomp filters (systemd's RestrictAddressFamilies, and km's own socket filter, which also looks
+  at netlink protocols and answers EPERM) are installed while the unit still holds CAP_SYS_ADMIN, so no
+  `no_new_privs` is needed (systemd must set it for a `User=` unit), and `sudo` works. They are
+  inherited by everything the agent starts and cannot be removed.
 - A bounding set without the capabilities that could leave the policy (mount, cgroup moves through
   CAP_SYS_ADMIN, BPF, raw sockets, ptrace, module loading, reboot, ...), so root after `sudo` has
   none of them either.
@@ -158,15 +159,20 @@ READ_ONLY_PATHS: Final = (
 # cannot be replaced fails to start rather than getting the real one.
 BUS_BINDING: Final = "/run/km-bus/system_bus_socket:/run/dbus/system_bus_socket"
 
-# The unit's own bounding set has CAP_SYS_ADMIN too, for `unshare` alone: it gives the agent its own PID
-# namespace (and a /proc that shows only it). `setpriv` then narrows the bounding set to
-# AGENT_CAPABILITIES and becomes the sandbox user, before the first program of the agent's runs.
+# The unit's own bounding set has CAP_SYS_ADMIN too, for the first two steps alone: `unshare` gives the
+# agent its own PID namespace (and a /proc that shows only it), and the socket filter
+# (host_agent/socket_filter.py) needs it to install without no_new_privs. `setpriv` then narrows the
+# bounding set to AGENT_CAPABILITIES and becomes the sandbox user, before the agent's first program.
+HOST_AGENT_COMMAND: Final = "/usr/local/bin/km-host-agent"
 _ENTER_AGENT: Final = (
     "/usr/bin/unshare",
     "--pid",
     "--fork",
     "--kill-child",
     "--mount-proc",
+    "--",
+    HOST_AGENT_COMMAND,
+    "socket-filter",
     "--",
     "/usr/bin/setpriv",
     "--bounding-set=-all," + ",".join("+" + name.removeprefix("CAP_").lower() for name in AGENT_CAPABILITIES),

@@ -27,6 +27,7 @@ from controller.substrates.local.launcher import host_launcher
 from controller.substrates.local.machine import MachineError, MachineSpec
 from controller.substrates.local.network import SandboxNetwork, allocation_lock, sandbox_upstream
 from controller.substrates.records import creator_alive, policy_changes, starting_record
+from host_agent.containment import HOST_AGENT_COMMAND
 from host_agent.paths import TMUX_SOCKET
 
 Progress = Callable[[str], None]
@@ -35,7 +36,6 @@ DEFAULT_SANDBOX_DIR = Path("/var/lib/km/sandboxes")
 ARTIFACTS_DIR_ENV = "KM_ARTIFACTS_DIR"  # default: `artifacts` beside the sandboxes directory
 # Inside the machine: the outbox's file target (the local analog of the artifacts bucket).
 SANDBOX_ARTIFACTS_DIR = "/var/lib/km/artifacts"
-HOST_AGENT_COMMAND = "/usr/local/bin/km-host-agent"
 # IP[:PORT] a local sandbox's resolver forwards allowed queries to (default: the host's resolver).
 DNS_UPSTREAM_ENV = "KM_LOCAL_DNS_UPSTREAM"
 # The operator's OTLP collector (endpoint, headers), passed to each sandbox created; default: none, and
