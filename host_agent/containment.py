@@ -6,8 +6,8 @@ The agent may be root (`sudo` in a privileged profile), so uid 0 alone must not 
 agent unit is started by systemd *as root*, with these settings, and only then becomes the `sandbox`
 user through `setpriv`:
 
-- The seccomp filters (systemd's RestrictAddressFamilies, and km's own socket filter, which also looks
-  at netlink protocols and answers EPERM) are installed while the unit still holds CAP_SYS_ADMIN, so no
+- The seccomp filters (systemd's RestrictAddressFamilies, and km's own socket filter, which answers
+  EPERM and also looks at netlink protocols: host_agent/socket_filter.py) are installed while the unit still holds CAP_SYS_ADMIN, so no
   `no_new_privs` is needed (systemd must set it for a `User=` unit), and `sudo` works. They are
   inherited by everything the agent starts and cannot be removed.
 - A bounding set without the capabilities that could leave the policy (mount, cgroup moves through
@@ -16,8 +16,8 @@ user through `setpriv`:
 - A PID namespace of its own (`unshare --pid`): the agent cannot see, signal, ptrace or enter the host
   agent, PID 1 or any other machine service through /proc.
 - A mount namespace in which cgroupfs is read-only, the gate's pinned maps, PID 1's private socket and
-  the daemon's state are hidden, and km's own code, units, drop-in directories, D-Bus policy and the
-  files that decide what runs at boot are read-only.
+  the daemon's state are hidden, and km's own code, units, the drop-in directories that would apply to
+  them and the files that decide what PID 1 runs at boot are read-only.
 
 PID 1 trusts any root caller on its private socket and on the system bus, so the agent's units see
 neither: the private socket is hidden, and at the bus's path they find the host agent's read-only bus
