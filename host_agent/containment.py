@@ -7,9 +7,9 @@ agent unit is started by systemd *as root*, with these settings, and only then b
 user through `setpriv`:
 
 - The seccomp filters (systemd's RestrictAddressFamilies, and km's own socket filter, which answers
-  EPERM and also looks at netlink protocols: host_agent/socket_filter.py) are installed while the unit still holds CAP_SYS_ADMIN, so no
-  `no_new_privs` is needed (systemd must set it for a `User=` unit), and `sudo` works. They are
-  inherited by everything the agent starts and cannot be removed.
+  EPERM and also looks at netlink protocols: host_agent/socket_filter.py) are installed while the unit
+  still holds CAP_SYS_ADMIN, so no `no_new_privs` is needed (systemd must set it for a `User=` unit),
+  and `sudo` works. They are inherited by everything the agent starts and cannot be removed.
 - A bounding set without the capabilities that could leave the policy (mount, cgroup moves through
   CAP_SYS_ADMIN, BPF, raw sockets, ptrace, module loading, reboot, ...), so root after `sudo` has
   none of them either.
