@@ -109,7 +109,6 @@ class Message:
     interface: str | None
     member: str | None
     carries_fds: bool
-    length: int
 
 
 def message_length(buffer: bytes | bytearray) -> int | None:
@@ -166,7 +165,6 @@ def _parse(buffer: bytes | bytearray) -> Message:
         interface=text(_FIELD_INTERFACE),
         member=text(_FIELD_MEMBER),
         carries_fds=bool(fields.get(_FIELD_UNIX_FDS)),
-        length=length,
     )
 
 

@@ -368,3 +368,15 @@ def port(certificate: tuple[Path, Path]) -> Iterator[int]:
         yield listening
     finally:
         stop(server)
+
+
+@pytest.fixture
+def bpffs(tmp_path: Path) -> Iterator[Path]:
+    """A private bpffs for pinned maps, unmounted (with every pin in it) at the end."""
+    directory = tmp_path / "bpffs"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=False)

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -297,18 +296,6 @@ def test_instance_metadata_is_refused_even_when_allowlisted_or_in_log_mode(
     assert child.do("tcp", host="::ffff:169.254.169.254", port=80)["error"] == "EPERM"
     assert child.do("tcp", host="fd00:ec2::254", port=80)["error"] == "EPERM"
     assert gate.counters()["denied"] == 4
-
-
-@pytest.fixture
-def bpffs(tmp_path: Path) -> Iterator[Path]:
-    """A private bpffs for pinned maps, unmounted (with every pin in it) at the end."""
-    directory = tmp_path / "bpffs"
-    directory.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(directory)], check=True)
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", str(directory)], check=False)
 
 
 def test_a_new_loader_adopts_the_pinned_maps_with_what_was_learned(

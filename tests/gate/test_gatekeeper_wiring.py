@@ -103,17 +103,6 @@ def start_host(gate_cgroup: GateCgroup, tmp_path: Path) -> Iterator[StartHost]:
             host.kill()
 
 
-@pytest.fixture
-def bpffs(tmp_path: Path) -> Iterator[Path]:
-    directory = tmp_path / "bpffs"
-    directory.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(directory)], check=True)
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", str(directory)], check=False)
-
-
 def resolve(child: ResolvingChild, name: str) -> dict[str, Any]:
     return child.do("dns", host="192.0.2.53", port=53, name=name)  # any server: the gate sends it to the resolver
 

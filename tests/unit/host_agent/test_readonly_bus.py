@@ -121,7 +121,7 @@ def test_only_root_is_served_by_default(tmp_path: Path) -> None:
 
 
 def test_the_error_reply_is_a_well_formed_answer_to_the_call() -> None:
-    call = Message(kind=1, serial=7, little_endian=True, path="/", interface="a.b", member="C", carries_fds=False, length=0)
+    call = Message(kind=1, serial=7, little_endian=True, path="/", interface="a.b", member="C", carries_fds=False)
     reply = access_denied(call)
     assert message_length(reply) == len(reply)
     parsed = parse_message(reply)
@@ -146,7 +146,5 @@ def test_the_error_reply_is_a_well_formed_answer_to_the_call() -> None:
     ],
 )
 def test_only_reads_and_replies_pass(kind: int, interface: str | None, member: str | None, fds: bool, allowed: bool) -> None:
-    message = Message(
-        kind=kind, serial=1, little_endian=True, path="/", interface=interface, member=member, carries_fds=fds, length=0
-    )
+    message = Message(kind=kind, serial=1, little_endian=True, path="/", interface=interface, member=member, carries_fds=fds)
     assert is_allowed(message) is allowed
